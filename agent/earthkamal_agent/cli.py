@@ -126,7 +126,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     paths = _paths()
     setup_logging(paths, a.verbose)
-    return Agent(paths, once=a.once).run()
+    return Agent(paths, once=a.once, hold=a.hold).run()
 
 
 # -- status / logs ---------------------------------------------------------------------------
@@ -352,6 +352,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_uninstall)
     s = sub.add_parser("run", help="run the agent in the foreground (for systemd/launchd)")
     s.add_argument("--once", action="store_true", help="drain, process what is ready, exit")
+    s.add_argument("--hold", action="store_true",
+                   help="record jobs but start no builds or deploys (they wait in `detected`)")
     s.add_argument("-v", "--verbose", action="store_true")
     s.set_defaults(func=cmd_run)
     s = sub.add_parser("status", help="the agent, the repos and the jobs")

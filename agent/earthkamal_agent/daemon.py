@@ -118,9 +118,10 @@ def setup_logging(paths: Paths, verbose: bool = False) -> None:
 class Agent:
     """The running agent: spool watcher, store, and the pipeline's workers."""
 
-    def __init__(self, paths: Paths, once: bool = False) -> None:
+    def __init__(self, paths: Paths, once: bool = False, hold: bool = False) -> None:
         self.paths = paths
         self.once = once
+        self.hold = hold
         self.wake: queue.Queue[str] = queue.Queue()
         self.stopping = threading.Event()
         self.lock = AgentLock(paths.lock)
@@ -181,6 +182,8 @@ class Agent:
         self.observer.start()
 
     def _start_pipeline(self) -> None:
+        if self.hold:
+            return
         try:
             from .pipeline import Pipeline
         except ImportError:

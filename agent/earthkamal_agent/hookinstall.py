@@ -61,15 +61,17 @@ def locate(path: str | os.PathLike) -> Location:
             f"git {'.'.join(map(str, version))} is too old: the agent needs the "
             "reference-transaction hook of git 2.28 or newer; upgrade git."
         )
-    info = gitcli.rev_parse(p, "--git-common-dir", "--is-bare-repository", "--show-toplevel")
-    if info is None:
+    info = gitcli.rev_parse(p, "--git-common-dir", "--is-bare-repository")
+    if info is None or len(info) < 2:
         raise UserError(f"{p} is not a git repository; run `git init` there or pass another path.")
-    common, bare_s, *top = info
+    common, bare_s = info[0], info[1]
     bare = bare_s == "true"
     common_dir = str(Path(p, common).resolve()) if not os.path.isabs(common) else str(
         Path(common).resolve())
-    worktree = None if bare else (top[0] if top else None)
-    if not gitcli.has_commits(p):
+    top = None if bare else gitcli.rev_parse(p, "--show-toplevel")
+    worktree = top[0] if top else None
+    # A bare "deploy remote" may be empty until the first push; a working repo may not.
+    if not bare and not gitcli.has_commits(p):
         raise UserError(
             f"{p} has no commits yet; commit something first so tags have a commit to point at."
         )
