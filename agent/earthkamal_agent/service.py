@@ -100,11 +100,16 @@ def service_env(argv: Sequence[str], environ: Mapping[str, str] | None = None) -
 
 # ---------------------------------------------------------------- rendering
 
-def _systemd_word(arg: str) -> str:
-    """One ExecStart= word: quoted when needed; ``%`` specifiers and ``$`` expansion escaped."""
+def _systemd_word(arg: str, program: bool = False) -> str:
+    """One ExecStart= word: quoted when needed; ``%`` specifiers and ``$`` expansion escaped.
+
+    systemd expands ``$VAR`` only in the arguments, never in the program path.
+    """
     if "\n" in arg or "\r" in arg or "\0" in arg:
         raise ValueError(f"a service argument cannot contain a line break: {arg!r}")
-    escaped = arg.replace("%", "%%").replace("$", "$$")
+    escaped = arg.replace("%", "%%")
+    if not program:
+        escaped = escaped.replace("$", "$$")
     if escaped == ";":
         return "\\;"
     if _SAFE_WORD.match(escaped):
@@ -129,7 +134,8 @@ def render_unit(exec_argv: Sequence[str], env: Mapping[str, str]) -> str:
     text = data_path("systemd", UNIT_NAME).read_text(encoding="utf-8")
     env_lines = "".join(_systemd_env(k, env[k]) + "\n" for k in sorted(env))
     text = text.replace("@ENVIRONMENT@\n", env_lines)
-    return text.replace("@EXEC@", " ".join(_systemd_word(a) for a in argv))
+    words = [_systemd_word(argv[0], program=True)] + [_systemd_word(a) for a in argv[1:]]
+    return text.replace("@EXEC@", " ".join(words))
 
 
 def render_plist(
@@ -236,13 +242,13 @@ def detect_manager(platform: str | None = None) -> tuple[Kind | None, str]:
         ok, why = _probe(Command(argv=("launchctl", "print", f"gui/{os.getuid()}"), timeout=10))
         if ok:
             return "launchd", f"launchd GUI session gui/{os.getuid()}"
-        return None, f"there is no launchd GUI session for this user ({why})"
+        return None, f"no launchd GUI session for this user: {why}"
     if shutil.which("systemctl") is None:
         return None, "systemctl is not on PATH (no systemd)"
     ok, why = _probe(Command(argv=("systemctl", "--user", "show-environment"), timeout=10))
     if ok:
         return "systemd", "the systemd user manager answers"
-    return None, f"`systemctl --user` cannot reach a user service manager ({why})"
+    return None, f"systemctl --user: {why}"
 
 
 def _no_manager(reason: str) -> UserError:
@@ -253,11 +259,17 @@ def _no_manager(reason: str) -> UserError:
     )
 
 
+def _quiet(args: argparse.Namespace) -> bool:
+    """True when the handler must not talk to systemctl/launchctl (--no-start, custom dir)."""
+    return bool(getattr(args, "no_start", False) or getattr(args, "unit_dir", None)
+                or os.environ.get(UNIT_DIR_ENV))
+
+
 def _resolve(args: argparse.Namespace, need_manager: bool) -> tuple[Kind, Path, bool]:
     """(kind, file path, talk to the manager?) for a handler's arguments."""
     forced: Kind | None = getattr(args, "manager", None)
     override = getattr(args, "unit_dir", None)
-    quiet = bool(getattr(args, "no_start", False) or override or os.environ.get(UNIT_DIR_ENV))
+    quiet = _quiet(args)
     if quiet or not need_manager:
         kind = forced or default_kind()
         found, _ = (None, "") if quiet else detect_manager()
@@ -373,13 +385,16 @@ def cli_status(args: argparse.Namespace) -> int:
                                "installed": path.exists() and _is_ours(kind, path)}
     running = False
     if talk:
-        r = run_quiet(status_argv(kind)[0])
-        fields = _parse_status(kind, r.stdout.decode("utf-8", "replace"))
+        try:
+            out = run_quiet(status_argv(kind)[0]).stdout.decode("utf-8", "replace")
+        except (CommandNotFound, subprocess.TimeoutExpired, OSError):
+            out = ""
+        fields = _parse_status(kind, out)
         info["service"] = fields
         running = (fields.get("ActiveState") == "active" if kind == "systemd"
                    else fields.get("state") == "running")
     else:
-        info["reason"] = detect_manager()[1] if not getattr(args, "no_start", False) else ""
+        info["reason"] = "" if _quiet(args) else detect_manager()[1]
     info["running"] = running
     if getattr(args, "json", False):
         print(json.dumps(info, indent=2))
@@ -393,7 +408,8 @@ def cli_status(args: argparse.Namespace) -> int:
                      if kind == "systemd" else f.get("state", "not loaded"))
             print(f"{kind}: {state}")
         else:
-            print(f"manager: none ({info.get('reason') or 'not asked'})")
+            why = info.get("reason") or "not asked: --no-start or --unit-dir"
+            print(f"manager: none ({why})")
     return 0 if running else 3
 
 

@@ -224,6 +224,7 @@ class DBusApprover:
         try:
             with self._lock:
                 link = self._connect()
+                self._show_orphans()
                 text = self._body_for_server(link, body)
             link.call(notify_message(summary, text, actions=[], critical=False, expire_ms=-1))
         except _DBUS_ERRORS as e:
