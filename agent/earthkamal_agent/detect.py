@@ -97,6 +97,9 @@ def drain(store: Store, paths: Paths) -> list[int]:
     new: list[int] = []
     for path in spool.pending(paths.spool):
         try:
+            if path.name.startswith("wake-"):
+                spool.done(path)
+                continue
             ev = spool.read(path)
             new += handle_event(store, ev)
         except spool.SpoolError as e:

@@ -169,3 +169,19 @@ def done(path: Path) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+WAKE = "earthkamal-wake 1"
+
+
+def wake(spool_dir: Path) -> None:
+    """Nudge a running agent (a decision was recorded): a tiny spool file it just deletes."""
+    import tempfile
+
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".wake-", dir=spool_dir)
+        with os.fdopen(fd, "w") as f:
+            f.write(WAKE + "\n")
+        os.rename(tmp, os.path.join(spool_dir, os.path.basename(tmp)[1:] + ".ev"))
+    except OSError:
+        pass

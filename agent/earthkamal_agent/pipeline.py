@@ -1,0 +1,737 @@
+"""The job state machine: detected → snapshot → gate → build → publish → approve → deploy.
+
+The daemon's main thread calls :meth:`Pipeline.schedule`; stages run in worker threads, each
+with its own store connection. Every stage failure a user can cause ends the job in
+``failed`` with the step and one sentence; the log keeps the details.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import approvals, kamal, publish, snapshot
+from . import repo as gitrepo
+from . import secrets as keyring_secrets
+from .builders import BuildSpec
+from .builders import select as select_builder
+from .config import REPO_FILE, RepoConfig, load_user_config, parse_repo_config
+from .errors import UserError
+from .joblog import JobLog
+from .paths import Paths
+from .redact import Redactor
+from .runner import Command, Result, run
+from .store import Job, Repo, Store, TransitionError
+
+log = logging.getLogger("earthkamal.pipeline")
+
+SSH_KEY_SECRET = "SSH_PRIVATE_KEY"
+
+
+class Canceled(Exception):
+    """The job was canceled, superseded or deleted while a stage ran."""
+
+
+class StageFailed(UserError):
+    """A stage failed; the message is the sentence for status."""
+
+
+@dataclass
+class Ctx:
+    """What one job's stages share."""
+
+    store: Store
+    job: Job
+    repo: Repo
+    log: JobLog
+    redactor: Redactor
+    user: dict
+    cancel: threading.Event
+    scratch: Path
+    cfg: RepoConfig | None = None
+    app: Path | None = None
+    names: kamal.KamalNames | None = None
+
+
+def _pick_scratch(run_dir: Path, job_id: int) -> Path:
+    """A private dir for temp DOCKER_CONFIG and secret files: memory-backed when possible."""
+    base = Path("/dev/shm")
+    if base.is_dir() and os.access(base, os.W_OK):
+        return Path(tempfile.mkdtemp(prefix=f"earthkamal-{os.getuid()}-job{job_id}-", dir=base))
+    d = run_dir / f"job-{job_id}"
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return d
+
+
+class Pipeline:
+    def __init__(self, paths: Paths, store: Store, wake: queue.Queue, stopping: threading.Event):
+        self.paths = paths
+        self.store = store
+        self.wake = wake
+        self.stopping = stopping
+        self.user = load_user_config(paths.user_config)
+        self.build_slots = threading.BoundedSemaphore(int(self.user.get("builds_per_host") or 1))
+        self.running: dict[int, tuple[threading.Thread, threading.Event]] = {}
+        self.deploy_keys: set[tuple[int, str]] = set()
+        self.asked: set[int] = set()
+        self._approver = None
+        self._lock = threading.Lock()
+
+    # -- scheduling (main thread) ----------------------------------------------------------
+    @property
+    def approver(self):
+        if self._approver is None:
+            self._approver = approvals.select(self.user.get("approvals") or "auto")
+            why = self._approver.available()
+            if why:
+                log.warning("approvals backend %s unavailable (%s); use `earthkamal-agent "
+                            "approve JOB`", self._approver.name, why)
+        return self._approver
+
+    def recover(self) -> None:
+        """After a crash: restart image preparation, park interrupted deploys for a person."""
+        for job in self.store.jobs(states=("snapshotting", "building", "publishing")):
+            self.store.transition(job.id, "detected", reason=f"agent restarted during {job.step}")
+            snapshot.remove(snapshot.build_dir(self.paths.builds, job.id))
+            log.info("job %s: restarting after interruption in %s", job.id, job.step)
+        for job in self.store.jobs(states=("deploying",)):
+            self.store.transition(
+                job.id, "interrupted", reason="the agent stopped during `kamal deploy`; check the "
+                f"servers, then `earthkamal-agent retry {job.id}` or `cancel {job.id}`")
+            log.warning("job %s: deploy interrupted; waiting for a person", job.id)
+        self._clean_orphans()
+
+    def _clean_orphans(self) -> None:
+        keep = {j.id for j in self.store.jobs(states=("detected", "awaiting_approval",
+                                                       "approved", "interrupted"))}
+        for d in self.paths.builds.glob("job-*"):
+            try:
+                jid = int(d.name[4:])
+            except ValueError:
+                continue
+            job = self.store.job(jid)
+            if jid not in keep and not (job and job.state == "failed" and
+                                        (job.extra.get("keep_snapshot"))):
+                snapshot.remove(d)
+        for d in Path("/dev/shm").glob(f"earthkamal-{os.getuid()}-job*"):
+            shutil.rmtree(d, ignore_errors=True)
+
+    def schedule(self) -> None:
+        self._reap()
+        for jid, (_t, cancel) in list(self.running.items()):
+            job = self.store.job(jid)
+            if job is None or job.state in ("canceled", "superseded"):
+                cancel.set()
+        for job in reversed(self.store.jobs(states=("detected",))):
+            if job.id not in self.running and not self.stopping.is_set():
+                self._start(job.id, self._prepare)
+        for job in reversed(self.store.jobs(states=("approved",))):
+            key = (job.repo_id, job.destination or "")
+            if job.id not in self.running and key not in self.deploy_keys:
+                self.deploy_keys.add(key)
+                self._start(job.id, self._deploy, key)
+        now = time.time()
+        for job in self.store.jobs(states=("awaiting_approval",)):
+            expires = job.extra.get("expires_at")
+            if expires and now >= expires:
+                try:
+                    self.store.transition(job.id, "expired", reason="no decision within "
+                                          "approval_timeout; `earthkamal-agent retry` asks again")
+                    self._withdraw(job.id)
+                except TransitionError:
+                    pass
+                continue
+            if job.id not in self.asked:
+                self.asked.add(job.id)
+                self._ask(job)
+        for jid in list(self.asked):
+            job = self.store.job(jid)
+            if job is None or job.state != "awaiting_approval":
+                self.asked.discard(jid)
+                self._withdraw(jid)
+
+    def _start(self, job_id: int, fn, *args) -> None:  # noqa: ANN001
+        cancel = threading.Event()
+        t = threading.Thread(target=self._guard, args=(fn, job_id, cancel, *args),
+                             name=f"job-{job_id}", daemon=True)
+        self.running[job_id] = (t, cancel)
+        t.start()
+
+    def _guard(self, fn, job_id: int, cancel: threading.Event, *args) -> None:  # noqa: ANN001
+        try:
+            fn(job_id, cancel, *args)
+        except Exception:  # noqa: BLE001
+            log.exception("job %s: worker crashed", job_id)
+        finally:
+            self.wake.put("job-done")
+
+    def _reap(self) -> None:
+        for jid, (t, _c) in list(self.running.items()):
+            if not t.is_alive():
+                del self.running[jid]
+
+    def next_deadline(self) -> float:
+        soon = 60.0
+        now = time.time()
+        for job in self.store.jobs(states=("awaiting_approval",)):
+            exp = job.extra.get("expires_at")
+            if exp:
+                soon = min(soon, max(0.05, exp - now))
+        return soon
+
+    def wait_idle(self, timeout: float = 3600) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.stopping.is_set():
+            self.schedule()
+            if not self.running:
+                return
+            try:
+                self.wake.get(timeout=0.5)
+            except queue.Empty:
+                pass
+
+    def shutdown(self) -> None:
+        for _t, cancel in self.running.values():
+            cancel.set()
+        for t, _c in list(self.running.values()):
+            t.join(timeout=15)
+        if self._approver is not None:
+            try:
+                self._approver.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def housekeeping(self) -> None:
+        removed = self.store.prune(int(self.user.get("keep_jobs") or 200),
+                                   float(self.user.get("keep_days") or 30) * 86400)
+        for jid in removed:
+            for p in (self.paths.logs / f"job-{jid}.log",):
+                p.unlink(missing_ok=True)
+            snapshot.remove(snapshot.build_dir(self.paths.builds, jid))
+        if removed:
+            log.info("housekeeping: removed %d old jobs", len(removed))
+
+    # -- approvals -------------------------------------------------------------------------
+    def _ask(self, job: Job) -> None:
+        try:
+            req = self.approval_request(self.store, job)
+            self.approver.ask(req, self._on_decision)
+            log.info("job %s: waiting for approval (earthkamal-agent approve %s)", job.id, job.id)
+        except Exception as e:  # noqa: BLE001 - the CLI still works
+            log.warning("job %s: could not show the approval: %s", job.id, e)
+
+    def _withdraw(self, job_id: int) -> None:
+        if self._approver is not None:
+            try:
+                self._approver.withdraw(job_id)
+            except Exception:  # noqa: BLE001
+                pass
+
+    def _on_decision(self, job_id: int, decision: str) -> None:
+        from . import actions
+
+        store = Store(self.paths.db)
+        try:
+            job = store.job(job_id)
+            if job is None or job.state != "awaiting_approval":
+                return
+            if decision == "approve":
+                actions.record_approval(store, job, by="desktop")
+            else:
+                store.transition(job_id, "rejected", expect=("awaiting_approval",),
+                                 reason="rejected on the desktop", decided_by="desktop")
+            log.info("job %s: %s on the desktop", job_id, decision)
+        except TransitionError as e:
+            log.info("job %s: decision %s ignored: %s", job_id, decision, e)
+        finally:
+            store.close()
+            self.wake.put("decision")
+
+    @staticmethod
+    def approval_request(store: Store, job: Job) -> approvals.ApprovalRequest:
+        repo = store.repo(job.repo_id)
+        assert repo is not None
+        prev = last_deployed(store, job.repo_id, job.destination, before=job.id)
+        changes: list[str] = []
+        count = None
+        try:
+            subs = gitrepo.commits_between(repo.common_dir, prev.commit_oid if prev else None,
+                                           job.commit_oid)
+            if prev:
+                changes, count = subs[:5], len(subs)
+            subject = gitrepo.commit_subject(repo.common_dir, job.commit_oid)
+        except Exception:  # noqa: BLE001
+            subject = ""
+        return approvals.ApprovalRequest(
+            job_id=job.id, service=job.extra.get("service") or repo.name,
+            version=job.version or job.tag, destination=job.destination, repo=repo.name,
+            commit=job.commit_oid, subject=subject, digest=job.digest or "",
+            changes=tuple(changes), change_count=count,
+            previous_version=prev.version if prev else None)
+
+    def _notify(self, summary: str, body: str) -> None:
+        try:
+            self.approver.notify(summary, body)
+        except Exception as e:  # noqa: BLE001
+            log.warning("notification failed: %s", e)
+
+    # -- stage plumbing --------------------------------------------------------------------
+    def _ctx(self, job_id: int, cancel: threading.Event) -> Ctx:
+        store = Store(self.paths.db)
+        job = store.job(job_id)
+        assert job is not None
+        repo = store.repo(job.repo_id)
+        assert repo is not None
+        red = Redactor()
+        return Ctx(store, job, repo, JobLog(self.paths.logs, job_id, red), red, self.user,
+                   cancel, _pick_scratch(self.paths.run, job_id))
+
+    def _move(self, c: Ctx, state: str, step: str | None = None, **fields) -> None:
+        if c.cancel.is_set():
+            raise Canceled()
+        try:
+            c.job = c.store.transition(c.job.id, state, step=step, **fields)
+        except TransitionError as e:
+            raise Canceled(str(e)) from None
+        c.log(f"== {state}" + (f" ({step})" if step else ""))
+
+    def _step(self, c: Ctx, step: str) -> None:
+        c.store.update(c.job.id, step=step)
+        c.log(f"-- {step}")
+
+    def _run(self, c: Ctx, command: Command, what: str) -> Result:
+        res = run(command, log=c.log, redactor=c.redactor, cancel=c.cancel, capture=True)
+        if res.canceled or c.cancel.is_set():
+            raise Canceled()
+        return res
+
+    def _fail(self, c: Ctx, reason: str) -> None:
+        c.log(f"FAILED: {reason}")
+        try:
+            state = c.store.job(c.job.id).state
+            if state in ("canceled", "superseded"):
+                return
+            c.store.transition(c.job.id, "failed", reason=reason)
+        except TransitionError:
+            return
+        log.warning("job %s (%s %s) failed in %s: %s", c.job.id, c.repo.name, c.job.tag,
+                    c.job.step, reason)
+        self._notify(f"{c.repo.name} {c.job.tag}: {c.job.step or 'job'} failed", reason)
+
+    def _finish(self, c: Ctx, ok: bool) -> None:
+        shutil.rmtree(c.scratch, ignore_errors=True)
+        c.log.close()
+        state = c.store.job(c.job.id).state
+        keep = state in ("awaiting_approval", "approved", "deploying")
+        if not keep:
+            if state == "failed" and c.cfg is not None and c.cfg.get("keep_failed_snapshot"):
+                c.store.set_data(c.job.id, keep_snapshot=True)
+            else:
+                snapshot.remove(snapshot.build_dir(self.paths.builds, c.job.id))
+        c.store.close()
+
+    # -- prepare: snapshot, gate, build, publish --------------------------------------------
+    def _prepare(self, job_id: int, cancel: threading.Event) -> None:
+        c = self._ctx(job_id, cancel)
+        ok = False
+        try:
+            c.log(f"job {job_id}: {c.repo.name} {c.job.tag} at {c.job.commit_oid}")
+            self._stage_config(c)
+            if c.job.state == "refused":
+                return
+            self._stage_snapshot(c)
+            self._stage_build(c)
+            self._stage_publish(c)
+            self._stage_queue_for_approval(c)
+            ok = True
+        except Canceled:
+            c.log("stopped: the job was canceled or superseded")
+        except UserError as e:
+            self._fail(c, str(e))
+        except Exception as e:  # noqa: BLE001
+            c.log(traceback.format_exc())
+            self._fail(c, f"internal error in {c.job.step}: {type(e).__name__}: {e} "
+                          "(details in `earthkamal-agent logs`)")
+        finally:
+            self._finish(c, ok)
+
+    def _stage_config(self, c: Ctx) -> None:
+        text = gitrepo.read_file(c.repo.common_dir, c.job.commit_oid, REPO_FILE)
+        c.cfg = parse_repo_config(text, f"{REPO_FILE} at {c.job.tag}")
+        if c.cfg["require_signed_tags"] or self.user.get("require_signed_tags"):
+            from .gitcli import verify_tag
+
+            ok, words = verify_tag(c.repo.common_dir, c.job.tag)
+            if not ok:
+                why = words.splitlines()[-1] if words else "no signature"
+                c.store.transition(c.job.id, "refused", step="verify",
+                                   reason=f"tag {c.job.tag} is not signed by an allowed key "
+                                   f"({why}); require_signed_tags is on")
+                c.job = c.store.job(c.job.id)
+                c.log(f"refused: {c.job.reason}")
+
+    def _stage_snapshot(self, c: Ctx) -> None:
+        self._move(c, "snapshotting", step="snapshot")
+        dest = snapshot.build_dir(self.paths.builds, c.job.id)
+        t0 = time.monotonic()
+        c.app = snapshot.export(c.repo.common_dir, c.job.commit_oid, dest)
+        c.log(f"snapshot of {c.job.commit_oid[:12]} in {dest} ({time.monotonic() - t0:.2f}s)")
+        self._step(c, "resolve")
+        version = c.job.commit_oid if c.cfg["version"] == "sha" else c.job.tag
+        from .imageref import validate_version
+
+        version = validate_version(version, sanitize=c.cfg["sanitize_version"])
+        c.names = kamal.resolve(c.app, version, c.job.destination,
+                                kamal_binary=self.user.get("kamal_binary") or "kamal")
+        c.store.update(c.job.id, version=version, image=c.names.absolute_image)
+        c.store.set_data(c.job.id, service=c.names.service, repository=c.names.repository,
+                         names_source=c.names.source, local_registry=c.names.local_registry)
+        c.log(f"image {c.names.absolute_image} (service {c.names.service}, from "
+              f"{c.names.source})")
+
+    def _platform(self, c: Ctx) -> str:
+        arch = c.names.arch
+        if len(arch) != 1:
+            raise StageFailed(f"builder.arch lists {', '.join(arch)}; the agent builds one "
+                              "architecture per image: set builder.arch to the servers' one.")
+        return f"linux/{arch[0]}"
+
+    def _build_secrets(self, c: Ctx, names: list[str]) -> dict[str, str]:
+        out = {}
+        scope = c.repo.worktree or c.repo.common_dir
+        missing = []
+        for n in names:
+            v = keyring_secrets.get_secret(n, scope)
+            if v is None:
+                missing.append(n)
+            else:
+                out[n] = v
+                c.redactor.add(v)
+        if missing:
+            raise StageFailed(f"build secret(s) {', '.join(missing)} are not in the keyring; "
+                              f"add them with `earthkamal-agent secrets set {missing[0]}`.")
+        return out
+
+    def _stage_build(self, c: Ctx) -> None:
+        assert c.app and c.names and c.cfg
+        builder = select_builder(c.cfg["builder"], c.app)
+        section = dict(c.cfg["earthly"] if builder.name == "earthly" else c.cfg["dockerfile"])
+        spec_secrets = self._build_secrets(c, list(section.get("secrets") or []))
+        spec = BuildSpec(app_dir=c.app, image_ref=c.names.absolute_image,
+                         platform=self._platform(c), settings=section, user=self.user,
+                         secrets=spec_secrets, push=c.cfg["publish"] == "earthly",
+                         tmp_dir=c.scratch)
+        builder.check(spec)
+        c.store.set_data(c.job.id, builder=builder.name, platform=spec.platform)
+        secret_files = []
+        if builder.name == "dockerfile":
+            for name, value in spec_secrets.items():
+                p = Path(builder.secret_file(spec, name))
+                fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(value)
+                secret_files.append(p)
+        self._move(c, "building", step="gate" if (c.cfg["gate"] or c.cfg["gate_command"])
+                   else "build")
+        try:
+            c.log("waiting for a BuildKit slot")
+            with self.build_slots:
+                if c.cancel.is_set():
+                    raise Canceled()
+                if c.cfg["gate_command"]:
+                    self._step(c, "gate")
+                    res = self._run(c, Command(tuple(c.cfg["gate_command"]), cwd=str(c.app),
+                                               timeout=3600), "gate")
+                    if not res.ok:
+                        raise StageFailed(f"gate `{' '.join(c.cfg['gate_command'])}` failed "
+                                          f"(exit {res.returncode}): {res.last_line()}")
+                for gate, command in builder.gate_commands(spec, list(c.cfg["gate"])):
+                    self._step(c, f"gate {gate}")
+                    res = self._run_build(c, builder, spec, command)
+                    if not res.ok:
+                        raise StageFailed("gate " + builder.explain(spec, res, gate))
+                self._step(c, "build")
+                res = self._run_build(c, builder, spec, builder.build_command(spec))
+                if not res.ok:
+                    raise StageFailed(builder.explain(spec, res, "the build"))
+                c.store.set_data(c.job.id, built_image=builder.built_image(spec, res))
+        finally:
+            for p in secret_files:
+                p.unlink(missing_ok=True)
+
+    def _run_build(self, c: Ctx, builder, spec: BuildSpec, command: Command) -> Result:  # noqa: ANN001
+        res = self._run(c, command, "build")
+        if not res.ok and builder.should_retry(res):
+            c.log("transient BuildKit error (inconsistent graph state); retrying once")
+            res = self._run(c, command, "build")
+        return res
+
+    def _docker_ok(self, c: Ctx, command: Command, what: str) -> Result:
+        res = self._run(c, command, what)
+        if not res.ok:
+            raise StageFailed(f"{what} failed: {res.last_line() or 'see the job log'}")
+        return res
+
+    def _stage_publish(self, c: Ctx) -> None:
+        assert c.app and c.names and c.cfg
+        self._move(c, "publishing", step="check image")
+        names = c.names
+        built = c.store.job(c.job.id).extra.get("built_image") or names.absolute_image
+        from .runner import run_quiet
+
+        info_res = run_quiet(publish.inspect_command(self.user, built))
+        if info_res.returncode != 0:
+            if c.cfg["publish"] == "earthly":
+                info = None
+            else:
+                raise StageFailed(f"the build reported image {built}, but Docker does not have "
+                                  "it; check the target's SAVE IMAGE name (`earthly.image`).")
+        else:
+            info = publish.parse_inspect(info_res.stdout)
+        want_arch = self._platform(c).split("/")[1]
+        if info is not None:
+            problem = publish.label_problem(info["labels"], names.service, built)
+            if problem and c.cfg["add_service_label"]:
+                self._step(c, "add service label")
+                self._docker_ok(c, publish.add_label_command(self.user, built, names.service,
+                                                             names.absolute_image, str(c.app)),
+                                "adding the service label")
+                built = names.absolute_image
+                problem = None
+            if problem:
+                raise StageFailed(problem)
+            problem = publish.arch_problem(info["arch"], want_arch, built)
+            if problem:
+                raise StageFailed(problem)
+        refs = [names.absolute_image]
+        if c.cfg["latest"]:
+            refs.append(f"{names.repository}:{names.latest_tag}")
+        if c.cfg["publish"] == "earthly":
+            digest = self._registry_digest(c, names, names.version)
+        else:
+            for ref in refs:
+                if ref != built:
+                    self._docker_ok(c, publish.tag_command(self.user, built, ref), "docker tag")
+            config_dir = self._login(c, names)
+            digest = None
+            for ref in refs:
+                self._step(c, f"push {ref}")
+                res = self._run(c, publish.push_command(self.user, ref, config_dir), "push")
+                if not res.ok:
+                    where = names.registry_server or "Docker Hub"
+                    raise StageFailed(f"pushing {ref} failed: "
+                                      f"{publish.push_error(res.output)} ({where}).")
+                if ref == names.absolute_image:
+                    digest = publish.pushed_digest(res.output)
+            self._step(c, "verify digest")
+            remote = self._registry_digest(c, names, names.version)
+            if digest and remote != digest:
+                raise StageFailed(f"the registry serves {remote} for {names.absolute_image}, "
+                                  f"not the pushed {digest}; another push raced this one.")
+            digest = remote
+        c.store.update(c.job.id, digest=digest)
+        c.log(f"published {names.absolute_image} {digest}")
+
+    def _registry_creds(self, c: Ctx, names: kamal.KamalNames) -> tuple[str | None, str | None]:
+        if names.local_registry or not names.registry_username:
+            return None, None
+        scope = c.repo.worktree or c.repo.common_dir
+        app_secrets = kamal.secret_names(c.app, c.job.destination) if c.app else {}
+        for name in names.registry_password_secrets:
+            var = app_secrets.get(name, name)
+            value = keyring_secrets.get_secret(var, scope)
+            if value:
+                c.redactor.add(value)
+                return names.registry_username, value
+        wanted = names.registry_password_secrets[0] if names.registry_password_secrets else \
+            "KAMAL_REGISTRY_PASSWORD"
+        var = app_secrets.get(wanted, wanted)
+        raise StageFailed(f"the registry password {var} is not in the keyring; add it with "
+                          f"`earthkamal-agent secrets set {var} --repo {scope}`.")
+
+    def _login(self, c: Ctx, names: kamal.KamalNames) -> str | None:
+        if names.local_registry:
+            self._ensure_local_registry(c, names)
+            return None
+        if self.user.get("use_docker_config"):
+            return None
+        user, password = self._registry_creds(c, names)
+        config_dir = c.scratch / "docker-config"
+        config_dir.mkdir(mode=0o700, exist_ok=True)
+        if user and password:
+            self._step(c, "registry login")
+            res = self._run(c, publish.login_command(self.user, names.registry_server or
+                                                     "docker.io", user, password,
+                                                     str(config_dir)), "login")
+            if not res.ok:
+                raise StageFailed(f"the registry {names.registry_server or 'Docker Hub'} refused "
+                                  f"the login for {user}: {res.last_line()}; check the password "
+                                  "with `earthkamal-agent secrets set`.")
+        return str(config_dir)
+
+    def _ensure_local_registry(self, c: Ctx, names: kamal.KamalNames) -> None:
+        port = (names.registry_server or "localhost:5555").rpartition(":")[2] or "5555"
+        self._step(c, "local registry")
+        start, run_cmd = publish.local_registry_commands(self.user, port)
+        if self._run(c, start, "start local registry").ok:
+            return
+        res = self._run(c, run_cmd, "run local registry")
+        if not res.ok:
+            raise StageFailed(f"Kamal's local registry (kamal-docker-registry on port {port}) "
+                              f"could not be started: {res.last_line()}")
+
+    def _registry_digest(self, c: Ctx, names: kamal.KamalNames, tag: str) -> str:
+        from .registry import RegistryError, manifest_digest
+
+        user, password = self._registry_creds(c, names) if c.app else (None, None)
+        try:
+            return manifest_digest(names.repository, tag, user, password)
+        except RegistryError as e:
+            raise StageFailed(f"could not read {names.repository}:{tag} back from the "
+                              f"registry: {e}.") from None
+
+    def _stage_queue_for_approval(self, c: Ctx) -> None:
+        newer = [j for j in c.store.jobs(repo_id=c.job.repo_id)
+                 if j.id > c.job.id and (j.destination or "") == (c.job.destination or "")
+                 and j.state in ("awaiting_approval", "approved", "deploying", "deployed")
+                 and j.tag != c.job.tag]
+        if newer:
+            self._move(c, "superseded", reason=f"{newer[0].tag} is newer for this destination",
+                       superseded_by=newer[0].id)
+            return
+        if c.cfg.approval_for(c.job.destination) == "auto":
+            self._move(c, "approved", step="approved", decided_by="policy:auto",
+                       approved_commit=c.job.commit_oid, approved_digest=c.store.job(
+                           c.job.id).digest)
+        else:
+            c.store.set_data(c.job.id, expires_at=time.time() + c.cfg.approval_timeout)
+            self._move(c, "awaiting_approval", step="approve")
+        for old in c.store.jobs(states=("awaiting_approval",), repo_id=c.job.repo_id):
+            if old.id < c.job.id and (old.destination or "") == (c.job.destination or ""):
+                try:
+                    c.store.transition(old.id, "superseded", superseded_by=c.job.id,
+                                       reason=f"{c.job.tag} is newer for this destination")
+                except TransitionError:
+                    pass
+
+    # -- deploy ------------------------------------------------------------------------------
+    def _deploy(self, job_id: int, cancel: threading.Event, key: tuple[int, str]) -> None:
+        c = self._ctx(job_id, cancel)
+        agent_proc = None
+        try:
+            c.cfg = parse_repo_config(gitrepo.read_file(c.repo.common_dir, c.job.commit_oid,
+                                                        REPO_FILE), f"{REPO_FILE} at {c.job.tag}")
+            self._step(c, "verify approval")
+            dest = snapshot.build_dir(self.paths.builds, c.job.id)
+            c.app = dest if dest.exists() else snapshot.export(c.repo.common_dir,
+                                                               c.job.commit_oid, dest)
+            c.names = kamal.resolve(c.app, c.job.version, c.job.destination,
+                                    kamal_binary=self.user.get("kamal_binary") or "kamal")
+            if not self._pins_hold(c):
+                return
+            env, agent_proc = self._deploy_env(c)
+            rollback = bool(c.job.extra.get("rollback"))
+            self._move(c, "deploying", step="kamal rollback" if rollback else "kamal deploy")
+            command = (kamal.rollback_command(c.app, c.job.version, c.job.destination, env)
+                       if rollback else kamal.deploy_command(c.app, c.names, env))
+            res = run(command, log=c.log, redactor=c.redactor, capture=True)
+            if res.ok:
+                c.store.transition(c.job.id, "deployed", reason=None)
+                c.log("deployed")
+                self._notify(f"Deployed {c.names.service} {c.job.version}",
+                             f"{c.repo.name} → {c.job.destination or 'default destination'}")
+            elif kamal.lock_error(res.output):
+                self._fail(c, "Kamal's deploy lock is held on the servers (another deploy is "
+                              f"running); when it is done, `earthkamal-agent retry {c.job.id}`.")
+            else:
+                line = kamal.error_line(res.output) or res.last_line()
+                self._fail(c, f"kamal {'rollback' if rollback else 'deploy'} failed (exit "
+                              f"{res.returncode}): {line}")
+        except Canceled:
+            c.log("deploy stopped before it started")
+        except UserError as e:
+            self._fail(c, str(e))
+        except Exception as e:  # noqa: BLE001
+            c.log(traceback.format_exc())
+            self._fail(c, f"internal error in deploy: {type(e).__name__}: {e}")
+        finally:
+            if agent_proc is not None:
+                from . import sshagent
+
+                sshagent.stop(agent_proc)
+            self.deploy_keys.discard(key)
+            self._finish(c, True)
+
+    def _pins_hold(self, c: Ctx) -> bool:
+        """What was approved is what is deployed: tag commit and registry digest unchanged."""
+        job = c.job
+        target = gitrepo.resolve_tag(c.repo.common_dir, job.tag)
+        if target is None or target.commit_oid != job.approved_commit:
+            now = target.commit_oid[:12] if target else "nothing (deleted)"
+            c.store.transition(job.id, "superseded" if target else "canceled",
+                               reason=f"tag {job.tag} now points to {now}, not the approved "
+                               f"{(job.approved_commit or '')[:12]}; deploy refused")
+            return False
+        if c.names.local_registry and job.approved_digest is None:
+            return True
+        remote = self._registry_digest(c, c.names, c.job.version)
+        if remote != job.approved_digest:
+            c.store.transition(job.id, "awaiting_approval", reason=(
+                f"the registry tag {c.names.absolute_image} now points to {remote[:19]}, not the "
+                f"approved {(job.approved_digest or '')[:19]}; deploy refused, approve again"),
+                digest=remote)
+            return False
+        return True
+
+    def _deploy_env(self, c: Ctx) -> tuple[dict[str, str | None], object]:
+        scope = c.repo.worktree or c.repo.common_dir
+        needed = kamal.secret_names(c.app, c.job.destination)
+        env: dict[str, str | None] = {"VERSION": None}
+        missing = []
+        wanted = set(needed.values())
+        if c.cfg.get("secrets"):
+            wanted |= set(c.cfg["secrets"])
+        for var in sorted(wanted):
+            value = keyring_secrets.get_secret(var, scope)
+            if value is None:
+                if var in os.environ:
+                    continue
+                missing.append(var)
+            else:
+                env[var] = value
+                c.redactor.add(value)
+        if missing:
+            raise StageFailed(f"the deploy needs {', '.join(missing)} (referenced in "
+                              f".kamal/secrets) but the keyring has no such secret; add it with "
+                              f"`earthkamal-agent secrets set {missing[0]} --repo {scope}`.")
+        for n in c.names.registry_password_secrets:
+            if n not in needed:
+                raise StageFailed(f"deploy.yml's registry.password names {n}, but the secrets "
+                                  f"file Kamal reads has no `{n}=${n}` line; add it to "
+                                  ".kamal/secrets.")
+        proc = None
+        key = keyring_secrets.get_secret(SSH_KEY_SECRET, scope)
+        mode = self.user.get("ssh_agent") or "auto"
+        if key and mode in ("auto", "private"):
+            from . import sshagent
+
+            c.redactor.add(key)
+            proc, sock = sshagent.start(self.paths.run, c.job.id, key, c.log)
+            env["SSH_AUTH_SOCK"] = sock
+        return {**env}, proc
+
+
+def last_deployed(store: Store, repo_id: int, destination: str | None,
+                  before: int | None = None) -> Job | None:
+    for j in store.jobs(states=("deployed",), repo_id=repo_id):
+        if (j.destination or "") == (destination or "") and (before is None or j.id != before):
+            return j
+    return None
