@@ -331,7 +331,9 @@ def cmd_service(a: argparse.Namespace) -> int:
 def cmd_doctor(a: argparse.Namespace) -> int:
     from . import doctor
 
-    return doctor.cli_doctor(a.json)
+    from .repochecks import checks_for
+
+    return doctor.cli_doctor(a.json, extra=checks_for(default_paths()))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -396,6 +398,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("action", choices=["install", "uninstall", "status"])
     s.add_argument("--unit-dir", default=None, help=argparse.SUPPRESS)
     s.add_argument("--no-start", action="store_true", help="write the unit, start nothing")
+    s.add_argument("--manager", choices=["systemd", "launchd"], default=None,
+                   help="the service manager (default: detected)")
+    s.add_argument("--json", action="store_true", help="status as JSON")
     s.set_defaults(func=cmd_service)
     s = sub.add_parser("doctor", help="check every prerequisite")
     s.add_argument("--json", action="store_true")

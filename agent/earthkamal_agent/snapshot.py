@@ -20,7 +20,8 @@ from .errors import UserError
 
 _STRATEGY = (pygit2.enums.CheckoutStrategy.FORCE
              | pygit2.enums.CheckoutStrategy.DONT_UPDATE_INDEX
-             | pygit2.enums.CheckoutStrategy.DISABLE_PATHFILTERS)
+             | pygit2.enums.CheckoutStrategy.DONT_WRITE_INDEX
+             | pygit2.enums.CheckoutStrategy.RECREATE_MISSING)
 
 
 def build_dir(builds: Path, job_id: int) -> Path:

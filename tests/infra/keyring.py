@@ -111,9 +111,13 @@ class OsKeyring:
             _stop(self._procs.pop(name, None))
 
 
-def start_keyring(root: Path) -> OsKeyring:
-    """Bus + unlocked gnome-keyring under ``root``; the caller stops it."""
-    bus, address = start_bus(root / "bus")
+def start_keyring(root: Path, bus_address: str | None = None) -> OsKeyring:
+    """Bus (unless ``bus_address`` is given) + unlocked gnome-keyring under ``root``; the
+    caller stops it."""
+    if bus_address is None:
+        bus, address = start_bus(root / "bus")
+    else:
+        bus, address = None, bus_address
     home = root / "home"
     env = {
         "DBUS_SESSION_BUS_ADDRESS": address,
@@ -125,7 +129,7 @@ def start_keyring(root: Path) -> OsKeyring:
     }
     for d in ("XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_RUNTIME_DIR"):
         Path(env[d]).mkdir(parents=True, exist_ok=True, mode=0o700)
-    kr = OsKeyring(root=root, bus_address=address, env=env, _procs={"bus": bus})
+    kr = OsKeyring(root=root, bus_address=address, env=env, _procs={"bus": bus} if bus else {})
     try:
         proc = subprocess.Popen(
             ["gnome-keyring-daemon", "--foreground", "--unlock", "--components=secrets"],
@@ -164,6 +168,24 @@ def os_keyring() -> Iterator[OsKeyring]:
     root = Path(tempfile.mkdtemp(prefix="ek-keyring-"))
     try:
         kr = start_keyring(root)
+    except (RuntimeError, AssertionError, OSError) as e:
+        need("gnome-keyring (Secret Service)", False, str(e))
+        raise
+    try:
+        yield kr
+    finally:
+        kr.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def desktop_keyring(desktop) -> Iterator[OsKeyring]:  # noqa: ANN001
+    """gnome-keyring on the `desktop` fixture's bus: one session, like a real desktop, so one
+    agent process reaches both the notification server and the Secret Service."""
+    need_bin("gnome-keyring-daemon")
+    root = Path(tempfile.mkdtemp(prefix="ek-dkeyring-"))
+    try:
+        kr = start_keyring(root, bus_address=desktop.bus_address)
     except (RuntimeError, AssertionError, OSError) as e:
         need("gnome-keyring (Secret Service)", False, str(e))
         raise
