@@ -384,9 +384,15 @@ def deploy_command(app_dir: Path, names: KamalNames, env: Mapping[str, str] | No
 def rollback_command(app_dir: Path, version: str, destination: str | None,
                      env: Mapping[str, str] | None = None, kamal_binary: str = "kamal",
                      timeout: float | None = None) -> Command:
-    """``kamal rollback V [-d DEST]`` (Kamal 2.11 takes the version as an argument)."""
+    """``kamal rollback V --version=V [-d DEST]``.
+
+    Kamal 2.11 takes the version as an argument, but its lock message still reads the
+    configured version, which without ``--version`` means ``git rev-parse`` in a snapshot that
+    has no git repository; so the version goes both ways.
+    """
+    v = validate_version(version)
     return Command(
-        argv=(kamal_binary, "rollback", validate_version(version), *_dest_args(destination)),
+        argv=(kamal_binary, "rollback", v, f"--version={v}", *_dest_args(destination)),
         env=_kamal_env(env), cwd=str(app_dir), timeout=timeout,
         secret_env=frozenset(env or ()), label="kamal rollback")
 
@@ -472,6 +478,11 @@ def error_line(output: str) -> str:
         if m:
             found = f"ERROR ({m.group(1)}): {m.group(2).strip()}"
     return found
+
+
+def rollback_missing(output: str) -> bool:
+    """Kamal prints this and still exits 0 when the old container is gone from the hosts."""
+    return "is not available as a container" in output
 
 
 def lock_error(output: str) -> bool:

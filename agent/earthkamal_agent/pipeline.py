@@ -643,7 +643,11 @@ class Pipeline:
             command = (kamal.rollback_command(c.app, c.job.version, c.job.destination, env)
                        if rollback else kamal.deploy_command(c.app, c.names, env))
             res = run(command, log=c.log, redactor=c.redactor, capture=True)
-            if res.ok:
+            if res.ok and rollback and kamal.rollback_missing(res.output):
+                self._fail(c, f"kamal rollback found no {c.job.version} container on the hosts "
+                              "(Kamal keeps only recent ones); deploy it again with "
+                              f"`earthkamal-agent deploy {c.job.tag}` instead.")
+            elif res.ok:
                 c.store.transition(c.job.id, "deployed", reason=None)
                 c.log("deployed")
                 self._notify(f"Deployed {c.names.service} {c.job.version}",
