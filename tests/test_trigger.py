@@ -287,6 +287,8 @@ def test_tags_made_without_hooks_are_reconciled(home, repo):
 def test_bad_spool_files_are_moved_aside(home, repo, content, reason):
     bad = home / "spool" / "999.0.ev"
     bad.write_bytes(content)
+    old = os.stat(bad).st_mtime - 120  # past the grace a hook has to finish writing
+    os.utime(bad, (old, old))
     git(repo, "tag", "v13.0.0")
     cli(home, "run", "--once", "--hold")
     assert [j["tag"] for j in jobs(home)] == ["v13.0.0"]  # the good one still went through
@@ -337,3 +339,20 @@ def test_status_works_with_agent_stopped_and_is_newest_first(home, repo):
     assert [j["tag"] for j in st["jobs"]] == ["v14.0.1", "v14.0.0"]
     text = cli(home, "status").stdout.decode()
     assert "agent: not running" in text and "v14.0.1" in text
+
+
+def test_incomplete_spool_file_waits_for_its_end_line(home, repo):
+    head = git(repo, "rev-parse", "HEAD").stdout.decode().strip()
+    git(repo, "update-ref", "refs/tags/v15.0.0", head)  # no hook for update-ref? it has one
+    for f in (home / "spool").glob("*.ev"):
+        f.unlink()
+    part = home / "spool" / "77.0.ev"
+    text = (f"earthkamal-spool 1\nrepo {repo / '.git'}\nhook reference-transaction\n"
+            f"state committed\n{'0' * 40} {head} refs/tags/v15.0.0\n")
+    part.write_text(text)  # a hook mid-write: no `end` yet
+    cli(home, "run", "--once", "--hold")
+    assert part.exists() and not (home / "spool-rejected" / "77.0.ev").exists()
+    part.write_text(text + "end\n")
+    cli(home, "run", "--once", "--hold")
+    assert not part.exists()
+    assert [j["tag"] for j in jobs(home)] == ["v15.0.0"]

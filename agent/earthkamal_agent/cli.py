@@ -75,7 +75,7 @@ def hookinstall_raw(common_dir: str, name: str) -> str:
 
 
 def _hint_agent(paths: Paths) -> None:
-    from .daemon import agent_running
+    from .lockfile import agent_running
 
     if agent_running(paths.lock) is None:
         print("The agent is not running: start it with `earthkamal-agent service install` "
@@ -156,7 +156,7 @@ def _last_log_line(paths: Paths, job_id: int) -> str:
 
 def status_data(paths: Paths, limit: int = 50) -> dict:
     """The `status --json` document (schema 1; see README)."""
-    from .daemon import agent_running
+    from .lockfile import agent_running
 
     now = time.time()
     info = agent_running(paths.lock)
@@ -230,7 +230,7 @@ def cmd_status(a: argparse.Namespace) -> int:
                      j["destination"] or "-", _age(j["age_s"]), detail))
     widths = [max(len(r[i]) for r in rows) for i in range(6)]
     for r in rows:
-        print("  " + "  ".join(c.ljust(w) for c, w in zip(r[:6], widths)) + "  " + r[6])
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(r[:6], widths, strict=True)) + "  " + r[6])
     return 0
 
 
@@ -330,7 +330,6 @@ def cmd_service(a: argparse.Namespace) -> int:
 
 def cmd_doctor(a: argparse.Namespace) -> int:
     from . import doctor
-
     from .repochecks import checks_for
 
     return doctor.cli_doctor(a.json, extra=checks_for(default_paths()))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from . import __version__, detect, sdnotify
 from .errors import UserError
+from .lockfile import agent_running, read_lock  # noqa: F401 - re-exported
 from .paths import Paths
 from .store import Store
 
@@ -57,31 +58,6 @@ class AgentLock:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-
-
-def read_lock(path: Path) -> dict[str, str]:
-    try:
-        text = path.read_text()
-    except OSError:
-        return {}
-    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
-
-
-def agent_running(path: Path) -> dict[str, str] | None:
-    """The lock file's contents when an agent holds the lock, else None."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            return read_lock(path)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
 
 
 def setup_logging(paths: Paths, verbose: bool = False) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 
 from . import repo as gitrepo
@@ -102,6 +103,16 @@ def drain(store: Store, paths: Paths) -> list[int]:
                 continue
             ev = spool.read(path)
             new += handle_event(store, ev)
+        except spool.Incomplete as e:
+            try:
+                age = time.time() - path.stat().st_mtime
+            except OSError:
+                continue
+            if age < spool.INCOMPLETE_GRACE_S:
+                continue  # a hook is still writing it; its close-write event wakes us again
+            dest = spool.reject(path, paths.rejected, str(e))
+            log.warning("spool file %s moved to %s: %s", path.name, dest, e)
+            continue
         except spool.SpoolError as e:
             dest = spool.reject(path, paths.rejected, str(e))
             log.warning("spool file %s moved to %s: %s", path.name, dest, e)

@@ -10,7 +10,11 @@ Format (UTF-8, one item per line)::
     ...
     end
 
-The hook writes ``.<pid>.<n>.tmp`` and renames it to ``<pid>.<n>.ev``. Lines are hints only:
+The hook creates ``<pid>.<n>.ev`` exclusively (noclobber) with shell builtins only, no child
+process, so it costs git no fork+exec of ``mv``; the file is complete once its last line is
+``end``. The agent skips a young file without that line (the hook is mid-write; inotify's
+close-write event wakes the agent again) and moves aside one that stays incomplete. Lines are
+hints only:
 the agent re-reads every named ref. A file that cannot be read is moved to ``spool-rejected/``
 with a ``.why`` file next to it and never stops the agent.
 """
@@ -31,6 +35,13 @@ _ZERO = re.compile(r"^0+$")
 
 class SpoolError(Exception):
     """A spool file is unusable; the message says why."""
+
+
+class Incomplete(SpoolError):
+    """No `end` line yet: a hook may still be writing it."""
+
+#: How long an incomplete file may be a hook mid-write before it is moved aside.
+INCOMPLETE_GRACE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -89,7 +100,7 @@ def parse(text: str, path: Path) -> SpoolEvent:
     if not lines or lines[0] != MAGIC:
         raise SpoolError("not an earthkamal spool file (bad first line)")
     if lines[-1] != "end":
-        raise SpoolError("truncated (no `end` line)")
+        raise Incomplete("truncated (no `end` line)")
     head: dict[str, str] = {}
     updates: list[RefUpdate] = []
     for line in lines[1:-1]:
