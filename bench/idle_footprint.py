@@ -1,6 +1,6 @@
 """Memory and CPU of an idle agent, against an idle Python process.
 
-The agent (`run --hold`) runs with one registered repo and nothing to do. After it has started
+The agent (`run`, pipeline loaded, approvals and keyring imported lazily) runs with one registered repo and nothing to do. After it has started
 and settled (its start-up drain and reconcile are over), a window of N seconds (default 60) is
 measured; a baseline `python -c 'import time; time.sleep(...)'` started at the same time is
 measured over the same window, the same way:
@@ -93,7 +93,7 @@ def main() -> int:
         cli(home, "install", str(repo))
         base = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1e6)"])
         try:
-            with Agent(home, "--hold") as agent:
+            with Agent(home, "--verbose") as agent:  # full pipeline loaded, nothing to do
                 time.sleep(a.settle)
                 pa, pb = Probe(agent.pid), Probe(base.pid)
                 t0 = time.monotonic()
@@ -111,7 +111,7 @@ def main() -> int:
         raise SystemExit("the agent died during the window")
 
     print(f"idle_footprint: window {window:.1f} s after {a.settle:g} s settle, one registered "
-          f"repo, agent --hold; CPU resolution {1 / TICK * 1000:.0f} ms")
+          f"repo, full agent (not --hold); CPU resolution {1 / TICK * 1000:.0f} ms")
     for name, r in (("agent", ra), ("baseline python sleep", rb)):
         print(f"  {name:<22} RSS max {r['rss_mb']:6.1f} MB (VmHWM {r['hwm_mb']:5.1f} MB)   "
               f"CPU {r['cpu_s']:.2f} s = {r['cpu_per_min']:.3f} CPU-s/min   "

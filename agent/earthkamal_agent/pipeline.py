@@ -20,7 +20,6 @@ from pathlib import Path
 
 from . import approvals, kamal, publish, snapshot
 from . import repo as gitrepo
-from . import secrets as keyring_secrets
 from .builders import BuildSpec
 from .builders import select as select_builder
 from .config import REPO_FILE, RepoConfig, load_user_config, parse_repo_config
@@ -32,6 +31,18 @@ from .runner import Command, Result, run
 from .store import Job, Repo, Store, TransitionError
 
 log = logging.getLogger("earthkamal.pipeline")
+
+
+class _LazySecrets:
+    """The keyring is imported on first use: it costs ~10 MB the idle agent need not hold."""
+
+    def __getattr__(self, name: str):
+        from . import secrets
+
+        return getattr(secrets, name)
+
+
+keyring_secrets = _LazySecrets()
 
 SSH_KEY_SECRET = "SSH_PRIVATE_KEY"
 
