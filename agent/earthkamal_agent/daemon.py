@@ -107,6 +107,7 @@ class Agent:
 
     # -- lifecycle -------------------------------------------------------------------------
     def run(self) -> int:
+        sdnotify.detach()  # children (earthly, docker, kamal) must not inherit NOTIFY_SOCKET
         self.paths.ensure()
         self.lock.acquire()
         self.store = Store(self.paths.db)
