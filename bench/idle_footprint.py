@@ -1,6 +1,7 @@
 """Memory and CPU of an idle agent, against an idle Python process.
 
-The agent (`run`, pipeline loaded, approvals and keyring imported lazily) runs with one registered repo and nothing to do. After it has started
+The agent (`run`, pipeline loaded; approvals and keyring are imported lazily) runs with one
+registered repo and nothing to do. After it has started
 and settled (its start-up drain and reconcile are over), a window of N seconds (default 60) is
 measured; a baseline `python -c 'import time; time.sleep(...)'` started at the same time is
 measured over the same window, the same way:

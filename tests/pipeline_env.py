@@ -48,8 +48,9 @@ class Env:
             if js:
                 p = self.home / "logs" / f"job-{js[0]['id']}.log"
                 log = p.read_text() if p.exists() else ""
+            agent = self.agents[-1].stderr() if self.agents else ""
             raise AssertionError(f"{tag} not in {states}: {js}\n--- job log ---\n{log}\n"
-                                 f"--- agent ---\n{self.agents[-1].stderr() if self.agents else ''}")
+                                 f"--- agent ---\n{agent}") from None
 
     def stop(self) -> None:
         for a in self.agents:

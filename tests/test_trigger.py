@@ -111,7 +111,8 @@ def test_invalid_config_fails_job_with_sentence(home, repo, agent):
     wait_for(lambda: jobs(home))
     j = jobs(home)[0]
     assert j["state"] == "failed"
-    assert j["reason"] == ".earthkamal.yml at v5.0.0: `tags` must be a list of strings, got a number."
+    assert j["reason"] == (".earthkamal.yml at v5.0.0: `tags` must be a list of strings, "
+                           "got a number.")
 
 
 CHAIN_HOOK = """#!/bin/sh

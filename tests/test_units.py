@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from earthkamal_agent import config, publish, store
 from earthkamal_agent.builders import BuildSpec, earthly
 from earthkamal_agent.builders.dockerfile import DockerfileBuilder
@@ -194,3 +193,23 @@ def test_init_writes_once(tmp_path):
     out = cli(home, "init", str(tmp_path)).stdout.decode()
     assert "already exists; not overwriting" in out
     assert (tmp_path / ".earthkamal.yml").read_text() == "tags: [x*]\n"
+
+
+def test_config_hook_commands_and_old_git_sentence(tmp_path):
+    from earthkamal_agent import hookinstall
+
+    from tests.helpers import cli, make_repo
+
+    cmds = hookinstall.config_hook_commands("/r/.git", "/s/reference-transaction",
+                                            "reference-transaction")
+    assert [list(c.argv) for c in cmds] == [
+        ["git", "config", "--local", "hook.earthkamal.command", "/s/reference-transaction"],
+        ["git", "config", "--local", "hook.earthkamal.event", "reference-transaction"]]
+    r = make_repo(tmp_path / "r")
+    res = cli(tmp_path / "h", "install", str(r), "--config-hook", check=False)
+    from earthkamal_agent import gitcli
+
+    if gitcli.version() < (2, 54):
+        assert res.returncode == 1 and "config hooks need git 2.54 or newer" in res.stderr.decode()
+    else:
+        assert res.returncode == 0

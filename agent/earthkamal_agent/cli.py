@@ -43,7 +43,16 @@ def cmd_install(a: argparse.Namespace) -> int:
 
     paths = _paths()
     loc = hookinstall.locate(a.path)
-    inst = hookinstall.install_hook(paths, loc, allow_shared=a.shared_hooks_path)
+    if a.config_hook:
+        inst = hookinstall.install_config_hook(paths, loc)
+    else:
+        try:
+            inst = hookinstall.install_hook(paths, loc, allow_shared=a.shared_hooks_path)
+        except UserError as e:
+            if loc.hooks_path_config and gitcli_version() >= hookinstall.CONFIG_HOOKS_GIT:
+                raise UserError(f"{e} With git 2.54+ you can also pass --config-hook: the hook "
+                                "then runs from git config, beside the shared ones.") from None
+            raise
     store = _store(paths)
     existing = store.repo_by_dir(loc.common_dir)
     baseline = []
@@ -65,6 +74,12 @@ def cmd_install(a: argparse.Namespace) -> int:
     _hint_agent(paths)
     _config_hint(loc)
     return 0
+
+
+def gitcli_version() -> tuple[int, int]:
+    from . import gitcli
+
+    return gitcli.version()
 
 
 def hookinstall_raw(common_dir: str, name: str) -> str:
@@ -112,7 +127,13 @@ def cmd_uninstall(a: argparse.Namespace) -> int:
                 rec = r
     if rec is None:
         raise UserError(f"{p} is not registered; `earthkamal-agent status` lists the repos.")
-    if rec.hook_path:
+    if rec.hook_path and Path(rec.hook_path).is_relative_to(paths.home):
+        from .runner import run_quiet
+
+        for c in hookinstall.config_unhook_commands(rec.common_dir):
+            run_quiet(c)
+        Path(rec.hook_path).unlink(missing_ok=True)
+    elif rec.hook_path:
         hookinstall.uninstall_hook(rec.hook_path)
     store.remove_repo(rec.id)
     print(f"Unregistered {rec.name}; its hook is removed"
@@ -230,7 +251,8 @@ def cmd_status(a: argparse.Namespace) -> int:
                      j["destination"] or "-", _age(j["age_s"]), detail))
     widths = [max(len(r[i]) for r in rows) for i in range(6)]
     for r in rows:
-        print("  " + "  ".join(c.ljust(w) for c, w in zip(r[:6], widths, strict=True)) + "  " + r[6])
+        cells = "  ".join(c.ljust(w) for c, w in zip(r[:6], widths, strict=True))
+        print(f"  {cells}  {r[6]}")
     return 0
 
 
@@ -347,6 +369,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("path", nargs="?", default=".")
     s.add_argument("--shared-hooks-path", action="store_true",
                    help="install into a core.hooksPath outside the repo (affects other repos)")
+    s.add_argument("--config-hook", action="store_true",
+                   help="git >= 2.54: register the hook in git config instead of a hook file")
     s.set_defaults(func=cmd_install)
     s = sub.add_parser("uninstall", help="unregister a repo and restore its previous hook")
     s.add_argument("path", nargs="?", default=".")

@@ -199,7 +199,8 @@ def validate(data: Any, where: str, schema: tuple[Key, ...]) -> dict[str, Any]:
             out[key.name] = _check(where, key, data[key.name])
         else:
             d = key.default
-            out[key.name] = list(d) if isinstance(d, list) else dict(d) if isinstance(d, dict) else d
+            out[key.name] = (list(d) if isinstance(d, list)
+                             else dict(d) if isinstance(d, dict) else d)
     return out
 
 
@@ -221,7 +222,8 @@ def parse_repo_config(text: bytes | None, where: str) -> RepoConfig:
     data = _load_yaml(text, where)
     values = validate(data, where, REPO_SCHEMA)
     for pattern, dest in values["destinations"].items():
-        if dest is not None and (not isinstance(dest, str) or not _NAME.match(dest.replace("-", "_"))):
+        plain = isinstance(dest, str) and _NAME.match(dest.replace("-", "_"))
+        if dest is not None and not plain:
             raise ConfigError(f"{where}: `destinations` maps {pattern!r} to {dest!r}; a "
                               "destination must be a plain name like production.")
     for sec in ("earthly", "dockerfile"):

@@ -145,7 +145,40 @@ def uninstall_hook(hook_path: str) -> bool:
     return changed
 
 
-_TAG_RE = re.compile(r"^[0-9a-f]{40,64} refs/tags/")
+CONFIG_HOOKS_GIT = (2, 54)
+CONFIG_HOOK_NAME = "earthkamal"
+
+
+def config_hook_commands(cwd: str, script: str, hook_name: str) -> list:
+    """git >= 2.54 config hooks: run ours in addition to any hook file, whatever hooksPath."""
+    return [gitcli.git(cwd, "config", "--local", f"hook.{CONFIG_HOOK_NAME}.command", script),
+            gitcli.git(cwd, "config", "--local", f"hook.{CONFIG_HOOK_NAME}.event", hook_name)]
+
+
+def config_unhook_commands(cwd: str) -> list:
+    return [gitcli.git(cwd, "config", "--local", "--remove-section",
+                       f"hook.{CONFIG_HOOK_NAME}")]
+
+
+def install_config_hook(paths: Paths, loc: Location) -> Installed:
+    """Write the hook script into the agent's own dir and register it as a config hook."""
+    from .runner import run_quiet
+
+    if gitcli.version() < CONFIG_HOOKS_GIT:
+        raise UserError(
+            f"config hooks need git 2.54 or newer (this is git "
+            f"{'.'.join(map(str, gitcli.version()))}); install without --config-hook."
+        )
+    d = paths.home / "hooks" / re.sub(r"[^A-Za-z0-9_.-]", "_", loc.common_dir.strip("/"))
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    script = d / loc.hook_name
+    script.write_text(render(loc.hook_name, paths.spool, loc.common_dir, "/nonexistent"))
+    script.chmod(0o755)
+    for c in config_hook_commands(loc.common_dir, str(script), loc.hook_name):
+        res = run_quiet(c)
+        if res.returncode != 0:
+            raise UserError(f"git config failed: {res.stderr.decode().strip()}")
+    return Installed(str(script), None, True)
 
 
 def repo_name(loc: Location) -> str:

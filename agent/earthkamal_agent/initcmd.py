@@ -10,8 +10,9 @@ from .errors import UserError
 GUIDE = """\
 Next, make sure the release has what the pipeline needs (all read from the tagged commit):
 
-  config/deploy.yml   service, image, registry (server, username, password: [KAMAL_REGISTRY_PASSWORD])
-                      and builder.arch (the servers' architecture, e.g. amd64) are required.
+  config/deploy.yml   service, image, registry (server, username,
+                      password: [KAMAL_REGISTRY_PASSWORD]) and builder.arch (the servers'
+                      architecture, e.g. amd64) are required.
   .kamal/secrets      one line per secret, values from the environment the agent gives Kamal:
                         KAMAL_REGISTRY_PASSWORD=$KAMAL_REGISTRY_PASSWORD
   {builder}

@@ -87,10 +87,8 @@ def local_registry_commands(user: dict, port: str) -> list[Command]:
 
 
 def pushed_digest(output: str) -> str | None:
-    m = None
-    for m in _PUSH_DIGEST.finditer(output):
-        pass
-    return m.group(1) if m else None
+    found = _PUSH_DIGEST.findall(output)
+    return found[-1] if found else None
 
 
 def push_error(output: str) -> str:

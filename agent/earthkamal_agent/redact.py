@@ -17,6 +17,10 @@ _PATTERNS = [
 ]
 
 
+def _mask(m: re.Match) -> str:
+    return m.group(1) + MASK + (m.group(3) if (m.lastindex or 0) >= 3 else "")
+
+
 class Redactor:
     """Replaces known secret values and credential-looking text with a mask."""
 
@@ -37,5 +41,5 @@ class Redactor:
             if v in text:
                 text = text.replace(v, MASK)
         for pat in _PATTERNS:
-            text = pat.sub(lambda m: m.group(1) + MASK + (m.group(3) if m.lastindex >= 3 else ""), text)
+            text = pat.sub(_mask, text)
         return text

@@ -193,7 +193,8 @@ def _kill(proc: subprocess.Popen) -> None:
             pass
 
 
-def run_quiet(command: Command, env_base: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_quiet(command: Command,
+              env_base: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run a short command to completion and capture its output (git, docker inspect...)."""
     try:
         return subprocess.run(  # noqa: S603
