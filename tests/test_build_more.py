@@ -394,9 +394,25 @@ def test_logs_follow_and_status_while_building(apps):
     out, err = follow.communicate(timeout=120)
     assert follow.returncode == 0, err
     final = e.job("v1.0.0")
-    assert final["state"] == "awaiting_approval", final
+    assert final["state"] == "awaiting_approval", f"{final}\n{job_log(e, final)}"
     out = out.decode()
     assert "-- build" in out and "== awaiting_approval" in out, out
     whole = e.cli("logs", str(j["id"])).stdout.decode()
     assert whole == job_log(e, final)
     assert out.strip() and whole.endswith(out[-200:])
+
+
+def test_second_agent_elsewhere_leaves_running_job_alone(apps, tmp_path):
+    """Another agent of the same user (another state dir: a test run, a second checkout) must
+    not delete this agent's per-job scratch dir (/dev/shm/earthkamal-<uid>-job*) mid-build."""
+    e = apps("ekscratch")
+    commit_tag(e, "v1.0.0", {".earthkamal.yml": "builder: dockerfile\n",
+                             "Dockerfile": dockerfile("ekscratch", run=f"RUN echo {token()} && "
+                                                      "sleep 3")})
+    e.agent()
+    wait_for(lambda: [j for j in e.jobs() if j["tag"] == "v1.0.0" and j["state"] == "building"],
+             timeout=60, interval=0.1, what="v1.0.0 building")
+    other = tmp_path / "other-home"
+    cli(other, "run", "--once", env={**e.env, "EARTHKAMAL_HOME": str(other)})
+    j = e.wait_state("v1.0.0", "awaiting_approval", "failed", timeout=120)
+    assert j["state"] == "awaiting_approval", f"{j}\n{job_log(e, j)}"

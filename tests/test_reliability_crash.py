@@ -224,8 +224,8 @@ def test_sigkill_at_point_then_restart(crash_env: Crash, point: str):
     c, e = crash_env, crash_env.e
     t = "v1.0.0"
     if point == "after_detection":
+        tag(e, t, "crash-detected")  # before the start: see the spool race in the report
         e.agent("--hold")
-        tag(e, t, "crash-detected")
         e.wait_state(t, "detected")
         c.kill_agent()
         c.restart()
@@ -239,8 +239,8 @@ def test_sigkill_at_point_then_restart(crash_env: Crash, point: str):
             "after_push_before_digest": ("docker", "push", "after", "publishing"),
         }[point]
         c.hold(tool, phase, when)
-        e.agent()
         tag(e, t, f"crash-{point}")
+        e.agent()
         c.wait_at(tool, phase, when)
         job = _job_rows(e, t)[0]
         assert job["state"] == state and job["digest"] is None, job
@@ -252,8 +252,8 @@ def test_sigkill_at_point_then_restart(crash_env: Crash, point: str):
         _invariants(c, t, "awaiting_approval", 0)
         return
     # the deploy side: get to awaiting_approval first
-    e.agent()
     tag(e, t, f"crash-{point}")
+    e.agent()
     job = e.wait_state(t, "awaiting_approval", "failed")
     assert job["state"] == "awaiting_approval", job
     if point == "awaiting_approval":
@@ -299,8 +299,8 @@ def test_sigkill_at_point_then_restart(crash_env: Crash, point: str):
 def test_interrupted_deploy_runs_again_only_when_a_person_retries(crash_env: Crash):
     c, e = crash_env, crash_env.e
     t = "v2.0.0"
-    e.agent()
     tag(e, t, "retry-after-crash")
+    e.agent()
     job = e.wait_state(t, "awaiting_approval", "failed")
     (c.ctl / "killparent-kamal-deploy").touch()
     e.cli("approve", str(job["id"]))
@@ -323,8 +323,8 @@ def test_restart_stops_the_killed_agents_build(crash_env: Crash):
     c, e = crash_env, crash_env.e
     t = "v3.0.0"
     c.hold("docker", "build", "before")
-    e.agent()
     tag(e, t, "orphan-build")
+    e.agent()
     orphan = c.wait_at("docker", "build", "before")
     c.kill_agent()
     c.restart()
@@ -339,8 +339,8 @@ def test_deploy_uses_the_configured_kamal_binary(crash_env: Crash):
     c, e = crash_env, crash_env.e
     e.env["PATH"] = e.env["PATH"].split(":", 1)[1]  # the wrapper only via kamal_binary
     t = "v4.0.0"
-    e.agent()
     tag(e, t, "kamal-binary")
+    e.agent()
     job = e.wait_state(t, "awaiting_approval", "failed")
     assert job["state"] == "awaiting_approval", job
     e.cli("approve", str(job["id"]))

@@ -274,8 +274,9 @@ def test_tags_made_without_hooks_are_reconciled(home, repo):
 
 
 @pytest.mark.parametrize("content,reason", [
-    (b"", "bad first line"),
-    (b"earthkamal-spool 1\nrepo /x\n", "truncated"),
+    (b"", "incomplete: empty"),
+    (b"earthkamal-spool 1\nrepo /x\n", "incomplete: cut short"),
+    (b"earthkam", "incomplete: empty or cut short"),
     (b"\x00\x01\x02binary", "binary content"),
     (b"garbage\n", "bad first line"),
     (b"earthkamal-spool 1\nrepo /not/registered\nhook reference-transaction\nstate committed\n"

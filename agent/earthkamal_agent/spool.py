@@ -97,10 +97,13 @@ def parse(text: str, path: Path) -> SpoolEvent:
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
-    if not lines or lines[0] != MAGIC:
+    if not lines or (len(lines) == 1 and MAGIC.startswith(lines[0])):
+        # Created by the hook, not yet written (or cut short): wait for the rest.
+        raise Incomplete("incomplete: empty or cut short before its `end` line")
+    if lines[0] != MAGIC:
         raise SpoolError("not an earthkamal spool file (bad first line)")
     if lines[-1] != "end":
-        raise Incomplete("truncated (no `end` line)")
+        raise Incomplete("incomplete: cut short before its `end` line")
     head: dict[str, str] = {}
     updates: list[RefUpdate] = []
     for line in lines[1:-1]:
