@@ -16,6 +16,12 @@ private D-Bus session, or the CLI) and run the real `kamal deploy --skip-push` o
 
 Every service name is this module's own (``ekmore-*``); each app routes through the shared
 kamal-proxy by its own ``proxy.host`` so other apps on the engine do not get in the way.
+
+The agents here run with a private ``/dev/shm`` (a mount namespace with its own tmpfs): every
+agent that starts deletes *all* ``/dev/shm/earthkamal-<uid>-job*`` scratch dirs, including
+those of other agents' jobs in flight (their temporary DOCKER_CONFIG), so agents of other test
+runs on the machine would make these tests fail at random, and ours theirs.
+``test_agent_start_keeps_other_agents_scratch`` shows that bug on its own.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -31,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import git, make_repo, wait_for
+from tests.helpers import AgentProcess, git, make_repo, wait_for
 from tests.infra import need, need_bin
 from tests.infra.apps import SampleApp, remove_deployed, write_sample_app
 from tests.pipeline_env import STANDIN, Env, tag, user_config
@@ -42,6 +49,42 @@ KAMAL_STATE = Path("/root/.kamal")  # Kamal's host-side state on the "servers" (
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
+# argv prefix: the rest runs with a /dev/shm of its own (same pid, so signals reach the agent)
+PRIVATE_SHM = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+               'mount -t tmpfs -o mode=1777 ekmore-shm /dev/shm && exec "$@"', "sh"]
+
+
+class IsolatedAgent(AgentProcess):
+    """`earthkamal-agent run` with a private /dev/shm."""
+
+    def start(self, wait_ready: bool = True) -> IsolatedAgent:
+        self.home.mkdir(parents=True, exist_ok=True)
+        self._err = open(self.log, "ab")
+        offset = self.log.stat().st_size
+        self.proc = subprocess.Popen([*PRIVATE_SHM, sys.executable, "-m", "earthkamal_agent",
+                                      "run", *self.args], env=self.env, stdout=self._err,
+                                     stderr=self._err)
+        if wait_ready:
+            wait_for(lambda: self.proc.poll() is not None or b"running (PID" in
+                     self.log.read_bytes()[offset:], timeout=30, what="agent start")
+            assert self.proc.poll() is None, self.log.read_text()
+        return self
+
+
+def _agent(e: Env) -> IsolatedAgent:
+    a = IsolatedAgent(e.home, env=e.env)
+    e.agents.append(a)
+    return a.start()
+
+
+def _run_once(e: Env) -> None:
+    """`earthkamal-agent run --once` (private /dev/shm), checked."""
+    env = {**os.environ, "EARTHKAMAL_HOME": str(e.home), **e.env}
+    r = subprocess.run([*PRIVATE_SHM, sys.executable, "-m", "earthkamal_agent", "run", "--once"],
+                       env=env, capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+
 
 def _get(url: str, host: str, timeout: float = 3) -> str | None:
     req = urllib.request.Request(url, headers={"Host": host})
@@ -188,7 +231,7 @@ def test_local_registry_deploy_through_tunnel(chain, local_registry, netns_host)
     assert e.app.repository == "localhost:5555/ekmore-local"
     # The server cannot reach the registry except through Kamal's tunnel.
     assert netns_host.http_get("http://127.0.0.1:5555/v2/", timeout=2) is None
-    e.agent()
+    _agent(e)
     tag(e, "v1.0.0", "local-one")
     job = e.wait_state("v1.0.0", "awaiting_approval", "failed", timeout=180)
     assert job["state"] == "awaiting_approval", job
@@ -217,7 +260,7 @@ def test_registry_tag_repushed_after_approval_is_not_deployed(chain, ssh_host, d
     service = "ekmore-pin"
     e = chain.app(service, ssh=ssh_host)
     tag(e, "v1.0.0", "pinned")
-    e.cli("run", "--once")
+    _run_once(e)
     job = e.job("v1.0.0")
     assert job["state"] == "awaiting_approval", f"{job}\n{_job_log(e, job)}"
     approved_digest = job["digest"]
@@ -233,7 +276,7 @@ def test_registry_tag_repushed_after_approval_is_not_deployed(chain, ssh_host, d
     docker_engine.run("push", ref, env=denv, timeout=120)
     moved = registry.manifest_digest(f"ektest/{service}", "v1.0.0")
     assert moved and moved != approved_digest
-    e.cli("run", "--once")
+    _run_once(e)
     job = e.job("v1.0.0")
     assert job["state"] == "awaiting_approval", f"{job}\n{_job_log(e, job)}"
     reason = job["reason"] or ""
@@ -249,7 +292,7 @@ def test_supersede_withdraws_and_timeout_expires_and_retry_asks_again(chain, ssh
     service = "ekmore-sup"
     e = chain.app(service, ssh=ssh_host, approvals="dbus",
                   files={".earthkamal.yml": "approval_timeout: 1h\n"})
-    e.agent()
+    _agent(e)
     mark = len(desktop.shown())
     tag(e, "v1.0.0", "sup-one")
     j1 = e.wait_state("v1.0.0", "awaiting_approval", "failed", timeout=180)
@@ -295,7 +338,7 @@ def test_auto_approval_for_destination_deploys_without_a_click(chain, ssh_host, 
     chain.cleanups.append(lambda: docker_engine.run(
         "exec", "kamal-proxy", "kamal-proxy", "remove", f"{service}-web-production",
         check=False))
-    e.agent()
+    _agent(e)
     mark = len(desktop.shown())
     tag(e, "v1.0.0", "auto-one")
     job = e.wait_state("v1.0.0", "deployed", "failed", "awaiting_approval", timeout=240)
@@ -314,7 +357,7 @@ def test_auto_approval_for_destination_deploys_without_a_click(chain, ssh_host, 
 def test_reject_from_desktop_and_dismiss_is_not_approval(chain, ssh_host, desktop):
     service = "ekmore-rej"
     e = chain.app(service, ssh=ssh_host, approvals="dbus")
-    e.agent()
+    _agent(e)
     mark = len(desktop.shown())
     tag(e, "v1.0.0", "rej-one")
     j1 = e.wait_state("v1.0.0", "awaiting_approval", "failed", timeout=180)
@@ -347,7 +390,7 @@ def test_reject_from_desktop_and_dismiss_is_not_approval(chain, ssh_host, deskto
 def test_cli_refusals_cancel_and_deploy_of_baseline_tag(chain, ssh_host, docker_engine):
     service = "ekmore-cli"
     e = chain.app(service, ssh=ssh_host, pre_tags=("v0.9.0",))
-    e.agent()
+    _agent(e)
     # v0.9.0 existed at install: recorded as released, never built by itself
     time.sleep(1.5)
     assert [j for j in e.jobs() if j["tag"] == "v0.9.0"] == []
@@ -405,7 +448,7 @@ def test_missing_app_secret_fails_and_ssh_key_from_keyring_deploys(chain, ssh_ho
                             "IdentityAgent=none", f"root@{ssh_host.host}", "true"],
                            capture_output=True, timeout=30)
     assert probe.returncode != 0
-    e.agent()
+    _agent(e)
     tag(e, "v1.0.0", "sec-one")
     job = e.wait_state("v1.0.0", "awaiting_approval", "failed", timeout=180)
     assert job["state"] == "awaiting_approval", f"{job}\n{_job_log(e, job)}"
@@ -447,7 +490,7 @@ def test_kamal_lock_fails_then_retry_deploys_with_notifications(chain, ssh_host,
     r = _kamal(e, "lock", "acquire", "-m", "test")
     assert r.returncode == 0, r.stdout + r.stderr
     chain.cleanups.append(lambda: _kamal(e, "lock", "release"))
-    e.agent()
+    _agent(e)
     mark = len(desktop.shown())
     tag(e, "v1.0.0", "lock-one")
     job = e.wait_state("v1.0.0", "awaiting_approval", "failed", timeout=180)
@@ -473,3 +516,28 @@ def test_kamal_lock_fails_then_retry_deploys_with_notifications(chain, ssh_host,
     _serves(e, "lock-one")
     n = desktop.wait_shown(f"Deployed {service} v1.0.0", timeout=15, after=mark)
     assert "default destination" in n["body"]
+
+
+# -- the scratch-dir bug on its own ------------------------------------------------------------
+
+def test_agent_start_keeps_other_agents_scratch(tmp_path, docker_engine):
+    """Another agent's (other EARTHKAMAL_HOME) in-flight scratch dir survives our start.
+
+    Runs inside a private /dev/shm so the bug, if present, harms no real agent.
+    """
+    need("mount namespace", os.geteuid() == 0 and shutil.which("unshare") is not None,
+         "needs root and unshare")
+    home = tmp_path / "home"
+    user_config(home, docker_engine)
+    other = f"/dev/shm/earthkamal-{os.getuid()}-job1-otheragent"
+    script = (f"mkdir -p {other}/docker-config && \"$@\"; rc=$?; "
+              f"test -d {other}/docker-config || {{ echo WIPED >&2; exit 99; }}; exit $rc")
+    argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            f"mount -t tmpfs -o mode=1777 ekmore-shm /dev/shm && {script}", "sh",
+            sys.executable, "-m", "earthkamal_agent", "run", "--once"]
+    r = subprocess.run(argv, env={**os.environ, "EARTHKAMAL_HOME": str(home)},
+                       capture_output=True, timeout=120)
+    err = r.stderr.decode(errors="replace")
+    assert "WIPED" not in err, ("starting an agent deleted another agent's scratch dir "
+                                f"{other}")
+    assert r.returncode == 0, err

@@ -37,7 +37,7 @@ APP = {
     ".kamal/secrets": "KAMAL_REGISTRY_PASSWORD=$KAMAL_REGISTRY_PASSWORD\n",
     "Dockerfile": "FROM scratch\nLABEL service=ekinput\n",
 }
-NO_TOOLS = {"docker_binary": "/nonexistent/docker", "kamal_binary": "/nonexistent/kamal",
+NO_TOOLS = {"docker_binary": "false", "kamal_binary": "/nonexistent/kamal",
             "earthly_binary": "/nonexistent/earthly", "approvals": "none"}
 
 
@@ -329,8 +329,7 @@ PIPE_CASES = [
     ("erb-without-kamal", {"config/deploy.yml": ERB_DEPLOY}, {},
      ("failed", "resolve", "config/deploy.yml uses ERB (<% ... %>) that only Kamal can "
                            "evaluate; install Kamal")),
-    ("erb-with-kamal", {"config/deploy.yml": ERB_DEPLOY}, {"kamal_binary": "kamal",
-                                                           "docker_binary": "false"},
+    ("erb-with-kamal", {"config/deploy.yml": ERB_DEPLOY}, {"kamal_binary": "kamal"},
      ("failed", "build", BUILD_FAILS)),
     ("no-dockerfile", {"Dockerfile": None}, {},
      ("failed", "build", "the tagged commit has no Dockerfile (and no Earthfile); commit one")),
@@ -341,11 +340,11 @@ PIPE_CASES = [
                          "`builder: dockerfile`")),
     ("no-earthly-target", {"Earthfile": "VERSION 0.8\nother:\n    FROM scratch\n"}, {},
      ("failed", "build", "the Earthfile has no target +docker")),
-    ("docker-missing", {}, {},
+    ("docker-missing", {}, {"docker_binary": "/nonexistent/docker"},
      ("failed", "build", "/nonexistent/docker is not installed")),
     ("earthly-missing", {"Earthfile": "VERSION 0.8\ndocker:\n    FROM scratch\n"}, {},
      ("failed", "build", "/nonexistent/earthly is not installed")),
-    ("kamal-missing-falls-back-to-yaml", {}, {"docker_binary": "false"},
+    ("kamal-missing-falls-back-to-yaml", {}, {},
      ("failed", "build", BUILD_FAILS)),
 ]
 

@@ -208,6 +208,7 @@ def status_data(paths: Paths, limit: int = 50) -> dict:
                 "step_elapsed_s": round(now - j.step_started_at, 1)
                 if (active and j.step_started_at) else None,
                 "last_log_line": _last_log_line(paths, j.id) if active else None,
+                "changes": j.extra.get("changes"),
             })
         store.close()
     return {"schema": 1, "agent": agent, "repos": repos, "jobs": jobs}
@@ -243,6 +244,11 @@ def cmd_status(a: argparse.Namespace) -> int:
         detail = j["reason"] or ""
         if j["state"] == "awaiting_approval":
             detail = f"earthkamal-agent approve {j['id']} | reject {j['id']}"
+            ch = j.get("changes") or {}
+            if ch.get("since"):
+                detail += f" ({ch.get('count')} commits since {ch['since']})"
+            elif ch:
+                detail += " (first deploy)"
         elif j["step_elapsed_s"] is not None and j["step"]:
             detail = f"{j['step']} {_age(j['step_elapsed_s'])}"
             if j["last_log_line"]:

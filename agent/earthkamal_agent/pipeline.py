@@ -7,6 +7,7 @@ with its own store connection. Every stage failure a user can cause ends the job
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -72,11 +73,19 @@ class Ctx:
     names: kamal.KamalNames | None = None
 
 
+def _scratch_prefix(run_dir: Path) -> str:
+    """Per user and per state dir, so two agents (EARTHKAMAL_HOME) never touch each other's."""
+    import hashlib
+
+    tag = hashlib.sha256(str(run_dir).encode()).hexdigest()[:10]
+    return f"earthkamal-{os.getuid()}-{tag}-"
+
+
 def _pick_scratch(run_dir: Path, job_id: int) -> Path:
     """A private dir for temp DOCKER_CONFIG and secret files: memory-backed when possible."""
     base = Path("/dev/shm")
     if base.is_dir() and os.access(base, os.W_OK):
-        return Path(tempfile.mkdtemp(prefix=f"earthkamal-{os.getuid()}-job{job_id}-", dir=base))
+        return Path(tempfile.mkdtemp(prefix=f"{_scratch_prefix(run_dir)}job{job_id}-", dir=base))
     d = run_dir / f"job-{job_id}"
     d.mkdir(mode=0o700, parents=True, exist_ok=True)
     return d
@@ -132,7 +141,7 @@ class Pipeline:
             if jid not in keep and not (job and job.state == "failed" and
                                         (job.extra.get("keep_snapshot"))):
                 snapshot.remove(d)
-        for d in Path("/dev/shm").glob(f"earthkamal-{os.getuid()}-job*"):
+        for d in Path("/dev/shm").glob(f"{_scratch_prefix(self.paths.run)}job*"):
             shutil.rmtree(d, ignore_errors=True)
 
     def schedule(self) -> None:
@@ -470,7 +479,13 @@ class Pipeline:
                     if not res.ok:
                         raise StageFailed("gate " + builder.explain(spec, res, gate))
                 self._step(c, "build")
-                res = self._run_build(c, builder, spec, builder.build_command(spec))
+                command = builder.build_command(spec)
+                if spec.push:  # Earthly pushes itself: it gets the temporary registry login
+                    config_dir = self._login(c, c.names)
+                    if config_dir:
+                        command = dataclasses.replace(
+                            command, env={**command.env, "DOCKER_CONFIG": config_dir})
+                res = self._run_build(c, builder, spec, command)
                 if not res.ok:
                     raise StageFailed(builder.explain(spec, res, "the build"))
                 c.store.set_data(c.job.id, built_image=builder.built_image(spec, res))
@@ -625,6 +640,13 @@ class Pipeline:
         else:
             c.store.set_data(c.job.id, expires_at=time.time() + c.cfg.approval_timeout)
             self._move(c, "awaiting_approval", step="approve")
+        try:
+            req = self.approval_request(c.store, c.store.job(c.job.id))
+            c.store.set_data(c.job.id, changes={"since": req.previous_version,
+                                                "count": req.change_count,
+                                                "subjects": list(req.changes)})
+        except Exception:  # noqa: BLE001 - informational only
+            pass
         for old in c.store.jobs(states=("awaiting_approval",), repo_id=c.job.repo_id):
             if old.id < c.job.id and (old.destination or "") == (c.job.destination or ""):
                 try:

@@ -29,6 +29,23 @@ def _head(common_dir: str) -> str:
         raise UserError("the repo has no commits; commit first.") from None
 
 
+def _changes(paths: Paths, common: str, commit: str, dest: str | None) -> dict:
+    """What the approval would show: commits since the version last deployed there."""
+    from .pipeline import last_deployed
+    from .store import Store
+
+    prev = None
+    if paths.db.exists():
+        store = Store(paths.db)
+        rec = store.repo_by_dir(common)
+        prev = last_deployed(store, rec.id, dest) if rec else None
+        store.close()
+    subjects = gitrepo.commits_between(common, prev.commit_oid if prev else None, commit)
+    if prev is None:
+        return {"since": None, "count": None, "subjects": []}
+    return {"since": prev.version, "count": len(subjects), "subjects": subjects[:5]}
+
+
 def make_plan(paths: Paths, tag: str | None, repo_path: str) -> dict:
     from . import hookinstall
 
@@ -46,7 +63,8 @@ def make_plan(paths: Paths, tag: str | None, repo_path: str) -> dict:
     files_read = [REPO_FILE if cfg_text is not None else f"{REPO_FILE} (absent: defaults)"]
     dest = cfg.destination_for(tag)
     plan: dict = {"tag": tag, "tag_exists": target is not None, "commit": commit,
-                  "matches_tags": cfg.tag_matches(tag), "destination": dest}
+                  "matches_tags": cfg.tag_matches(tag), "destination": dest,
+                  "changes": _changes(paths, common, commit, dest)}
     with tempfile.TemporaryDirectory(prefix="earthkamal-plan-") as tmp:
         app = snapshot.export(common, commit, Path(tmp) / "app")
         for f in ("Earthfile", "Dockerfile", "config/deploy.yml",
@@ -112,6 +130,9 @@ def cli_plan(paths: Paths, tag: str | None, repo_path: str, as_json: bool) -> in
     w(f"  build:    {' '.join(p['build']['argv'])}\n")
     w(f"  image:    {p['image']} (service {p['service']}, names from {p['names_from']})\n")
     w(f"  push:     {', '.join(p['push']['refs'])} by {p['push']['by']}\n")
+    ch = p["changes"]
+    w(f"  changes:  {ch['count']} commits since {ch['since']}\n" if ch["since"]
+      else "  changes:  first deploy to this destination\n")
     w(f"  approval: {p['approval']['policy']} for {p['destination'] or 'the default destination'}"
       f", expires after {int(p['approval']['timeout_s'] // 3600)}h\n")
     w(f"  deploy:   {' '.join(p['deploy']['argv'])}\n")
