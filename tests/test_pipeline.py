@@ -63,6 +63,7 @@ def test_failure_paths_have_sentences(docker_app, registry):
     root = e.app_root
     # 1. version not a valid Docker tag
     git(root, "tag", "v1.2.3+build.5")
+    e.cli("run", "--once")  # (queued together, the older tag would be superseded by the newer)
     # 2. missing label
     (root / "Dockerfile").write_text((root / "Dockerfile").read_text().replace(
         "LABEL service=", "LABEL other="))

@@ -163,8 +163,9 @@ def _old(p: Path) -> None:
 
 SPOOL_HEAD = b"earthkamal-spool 1\nrepo %s\nhook reference-transaction\nstate committed\n"
 SPOOL_CASES = [
-    ("empty", "not an earthkamal spool file (bad first line)"),
-    ("truncated", "truncated (no `end` line)"),
+    ("empty", "incomplete: empty or cut short before its `end` line"),
+    ("truncated", "incomplete: cut short before its `end` line"),
+    ("garbage", "not an earthkamal spool file (bad first line)"),
     ("binary", "binary content"),
     ("not-utf8", "not valid UTF-8"),
     ("huge", f"too large ({(1 << 20) + 10} bytes, limit {1 << 20})"),
@@ -190,6 +191,7 @@ def spool_run(tmp_path_factory):
     z, one = b"0" * 40, b"1" * 40
     files = {
         "empty": b"",
+        "garbage": b"#!/bin/sh\nrm -rf /\n",
         "truncated": SPOOL_HEAD % gitdir + z + b" " + one + b" refs/tags/v1\n",
         "binary": b"earthkamal-spool 1\n\x00\x01\x02\nend\n",
         "not-utf8": b"earthkamal-spool 1\nrepo /\xff\xfe\nend\n",
@@ -332,18 +334,18 @@ PIPE_CASES = [
     ("erb-with-kamal", {"config/deploy.yml": ERB_DEPLOY}, {"kamal_binary": "kamal"},
      ("failed", "build", BUILD_FAILS)),
     ("no-dockerfile", {"Dockerfile": None}, {},
-     ("failed", "build", "the tagged commit has no Dockerfile (and no Earthfile); commit one")),
+     ("failed", "resolve", "the tagged commit has no Dockerfile (and no Earthfile); commit one")),
     ("no-stage", {".earthkamal.yml": "tags: ['*']\ndockerfile: {target: prod}\n"}, {},
-     ("failed", "build", "Dockerfile has no stage named prod; fix `dockerfile.target`")),
+     ("failed", "resolve", "Dockerfile has no stage named prod; fix `dockerfile.target`")),
     ("no-earthfile", {".earthkamal.yml": "tags: ['*']\nbuilder: earthly\n"}, {},
-     ("failed", "build", "the tagged commit has no Earthfile; commit one, or set "
+     ("failed", "resolve", "the tagged commit has no Earthfile; commit one, or set "
                          "`builder: dockerfile`")),
     ("no-earthly-target", {"Earthfile": "VERSION 0.8\nother:\n    FROM scratch\n"}, {},
-     ("failed", "build", "the Earthfile has no target +docker")),
+     ("failed", "resolve", "the Earthfile has no target +docker")),
     ("docker-missing", {}, {"docker_binary": "/nonexistent/docker"},
-     ("failed", "build", "/nonexistent/docker is not installed")),
+     ("failed", "build", "/nonexistent/docker is not installed or not on PATH")),
     ("earthly-missing", {"Earthfile": "VERSION 0.8\ndocker:\n    FROM scratch\n"}, {},
-     ("failed", "build", "/nonexistent/earthly is not installed")),
+     ("failed", "build", "/nonexistent/earthly is not installed or not on PATH")),
     ("kamal-missing-falls-back-to-yaml", {}, {},
      ("failed", "build", BUILD_FAILS)),
 ]
@@ -371,6 +373,7 @@ def test_broken_app_files_and_tools(tmp_path, files, user, expected):
     [j] = jobs(home)
     state, step, reason = expected
     assert (j["state"], j["step"]) == (state, step), j
+    assert not j["reason"].startswith("internal error"), j["reason"]
     if reason.startswith("/"):
         assert reason in j["reason"], j["reason"]
     else:
@@ -406,10 +409,18 @@ def test_git_missing(tmp_path):
 FAIL_BACKEND = {"PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring"}
 
 
-def test_keyring_absent_secrets_set(tmp_path):
+NO_BUS = "There is no D-Bus session bus (DBUS_SESSION_BUS_ADDRESS is unset), so the OS keyring"
+NO_STORE = "No OS keyring is available (keyring chose keyring.backends.fail.Keyring)"
+
+
+@pytest.mark.parametrize("bus,sentence", [(False, NO_BUS), (True, NO_STORE)],
+                         ids=["no-bus", "fail-backend"])
+def test_keyring_absent_secrets_set(tmp_path, bus, sentence):
+    env = {**FAIL_BACKEND, "DBUS_SESSION_BUS_ADDRESS": "unix:path=/nonexistent/bus"} if bus \
+        else FAIL_BACKEND
     res = cli(tmp_path / "home", "secrets", "set", "NPM_TOKEN", input=b"x", check=False,
-              env=FAIL_BACKEND)
-    one_sentence(res, "No OS keyring is available (keyring chose keyring.backends.fail.Keyring)")
+              env=env)
+    one_sentence(res, sentence)
 
 
 def test_keyring_absent_build_secret(tmp_path):
@@ -422,8 +433,7 @@ def test_keyring_absent_build_secret(tmp_path):
     res = run_once(home, env=FAIL_BACKEND)
     [j] = jobs(home)
     assert j["state"] == "failed", j
-    assert j["reason"].startswith("No OS keyring is available (keyring chose "
-                                  "keyring.backends.fail.Keyring)"), j["reason"]
+    assert j["reason"].startswith(NO_BUS), j["reason"]
     no_traceback(home, res.stderr.decode())
 
 
@@ -580,13 +590,14 @@ def test_disk_full_while_writing_logs(tmp_path):
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(logs)],
                    check=True)
     try:
-        with open(logs / "filler", "wb") as f:
-            try:
-                while True:
-                    f.write(b"x" * 4096)
-                    f.flush()
-            except OSError:
-                pass
+        fd = os.open(logs / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while True:
+                os.write(fd, b"x" * 4096)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
         git(repo, "tag", "v1;bad")   # fails at once: its log cannot be written
         git(repo, "tag", "v1.0.0")   # fails at the build
         res = cli(home, "run", "--once", check=False)

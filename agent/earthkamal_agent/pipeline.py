@@ -150,8 +150,14 @@ class Pipeline:
             job = self.store.job(jid)
             if job is None or job.state in ("canceled", "superseded"):
                 cancel.set()
-        for job in reversed(self.store.jobs(states=("detected",))):
-            if job.id not in self.running and not self.stopping.is_set():
+        detected = list(reversed(self.store.jobs(states=("detected",))))
+        self._supersede_queued(detected)
+        limit = int(self.user.get("builds_per_host") or 1) + 1
+        for job in detected:
+            preparing = sum(1 for t, _c, kind in self._kinds() if kind == "prepare")
+            if preparing >= limit or self.stopping.is_set():
+                break
+            if job.id not in self.running and self.store.job(job.id).state == "detected":
                 self._start(job.id, self._prepare)
         for job in reversed(self.store.jobs(states=("approved",))):
             key = (job.repo_id, job.destination or "")
@@ -178,10 +184,36 @@ class Pipeline:
                 self.asked.discard(jid)
                 self._withdraw(jid)
 
+    def _kinds(self):
+        for t, c in self.running.values():
+            yield t, c, "prepare" if t.name.startswith("prepare-") else "deploy"
+
+    def _supersede_queued(self, detected: list[Job]) -> None:
+        """A queued build is skipped when a newer tag for the same destination exists."""
+        newest: dict[tuple[int, str], Job] = {}
+        for j in self.store.jobs(states=("detected", "snapshotting", "building", "publishing",
+                                         "awaiting_approval", "approved", "deploying")):
+            key = (j.repo_id, j.destination or "")
+            if key not in newest or j.id > newest[key].id:
+                newest[key] = j
+        for job in detected:
+            top = newest.get((job.repo_id, job.destination or ""))
+            if top is not None and top.id > job.id and top.tag != job.tag \
+                    and job.id not in self.running:
+                try:
+                    self.store.transition(job.id, "superseded", expect=("detected",),
+                                          superseded_by=top.id,
+                                          reason=f"{top.tag} is newer for this destination")
+                    log.info("job %s (%s) superseded by %s before building", job.id, job.tag,
+                             top.tag)
+                except TransitionError:
+                    pass
+
     def _start(self, job_id: int, fn, *args) -> None:  # noqa: ANN001
         cancel = threading.Event()
+        kind = "prepare" if fn == self._prepare else "deploy"
         t = threading.Thread(target=self._guard, args=(fn, job_id, cancel, *args),
-                             name=f"job-{job_id}", daemon=True)
+                             name=f"{kind}-{job_id}", daemon=True)
         self.running[job_id] = (t, cancel)
         t.start()
 

@@ -126,4 +126,9 @@ class EarthlyBuilder:
                     f"{spec.platform.split('/')[-1]} machine.")
         if code == 2:
             return f"{what} was canceled."
+        tail = "\n".join(result.tail)
+        if "docker not available" in tail or "Is docker installed and running" in tail:
+            return ("Earthly cannot reach Docker to start its BuildKit daemon; start Docker (or "
+                    "set `buildkit_host` in the agent's config.yml to a running BuildKit), then "
+                    "`earthkamal-agent retry`.")
         return f"{what} failed (Earthly exit {code}): {result.last_line() or 'see the job log'}"
