@@ -45,10 +45,10 @@ sys.path.insert(0, str(ROOT))
 from _common import TempDir, git, median  # noqa: E402
 
 TARGET = 0.25
-# The agent keeps per-job scratch dirs in /dev/shm/earthkamal-<uid>-job*, and every agent of the
-# same user deletes all of them when it starts (pipeline._clean_orphans), so another agent
-# starting on this machine mid-build (a test run) fails our job. As root, give our agent a
-# private /dev/shm (mount namespace) so neither disturbs the other.
+# The agent keeps per-job scratch dirs in /dev/shm. Agents before pipeline._scratch_prefix
+# deleted every agent's dirs of the same user when they started, failing our job mid-build; as
+# root, give our agent a private /dev/shm (mount namespace) so other agents on this shared
+# machine (test runs, other checkouts) can neither see nor disturb it.
 PRIVATE_SHM: list[str] = []
 if os.geteuid() == 0 and shutil.which("unshare"):
     PRIVATE_SHM = ["unshare", "--mount", "--propagation", "private", "sh", "-c",

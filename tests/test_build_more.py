@@ -29,8 +29,10 @@ from tests.pipeline_env import Env, setup_app, tag
 
 # -- helpers -----------------------------------------------------------------------------------
 def commit_tag(e: Env, name: str, files: dict[str, str] | None = None,
-               remove: tuple[str, ...] = ()) -> None:
-    """Write ``files`` (relative paths), delete ``remove``, commit everything, tag ``name``."""
+               remove: tuple[str, ...] = (), run: bool = False) -> None:
+    """Write ``files`` (relative paths), delete ``remove``, commit everything, tag ``name``;
+    with ``run``, then `run --once` (one tag per run: a queued older tag of the same
+    destination is superseded by a newer one before it builds)."""
     for rel, text in (files or {}).items():
         p = e.app_root / rel
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -41,6 +43,8 @@ def commit_tag(e: Env, name: str, files: dict[str, str] | None = None,
     git(e.app_root, "add", "-A")
     git(e.app_root, "commit", "-qm", f"release {name}")
     git(e.app_root, "tag", name)
+    if run:
+        e.cli("run", "--once")
 
 
 def job_log(e: Env, job: dict) -> str:
@@ -138,13 +142,14 @@ def test_earthly_failure_paths_then_inconsistent_graph_retry(apps, tmp_path, reg
     e = apps("ekefail", earthfile=True)
     repo = "ektest/ekefail"
     full = f"{registry.server}/{repo}"
-    commit_tag(e, "v1.0.0", {".earthkamal.yml": "builder: earthly\n"}, remove=("Earthfile",))
+    commit_tag(e, "v1.0.0", {".earthkamal.yml": "builder: earthly\n"}, remove=("Earthfile",),
+               run=True)
     commit_tag(e, "v1.1.0", {".earthkamal.yml": "earthly:\n  target: +image\n",
-                             "Earthfile": earthfile(full, "ekefail")})
+                             "Earthfile": earthfile(full, "ekefail")}, run=True)
     commit_tag(e, "v1.2.0", {".earthkamal.yml": "builder: earthly\n",
-                             "Earthfile": earthfile(full, "ekefail", run="RUN false")})
-    commit_tag(e, "v1.3.0", {"Earthfile": earthfile(full, None, run=f"RUN echo {token()}")})
-    e.cli("run", "--once")
+                             "Earthfile": earthfile(full, "ekefail", run="RUN false")}, run=True)
+    commit_tag(e, "v1.3.0", {"Earthfile": earthfile(full, None, run=f"RUN echo {token()}")},
+               run=True)
 
     assert_failed(e, "v1.0.0", "the tagged commit has no Earthfile; commit one, or set "
                   "`builder: dockerfile`")
@@ -178,9 +183,10 @@ def test_buildkit_unreachable(apps, docker_engine, registry):
     host = f"tcp://127.0.0.1:{closed}"
     e = apps("ekbkdown", earthfile=True, user_extra={"buildkit_host": host},
              extra_env={"EARTHLY_STANDIN_CONNECT_TIMEOUT": "2"})
-    tag(e, "v1.0.0")  # Earthfile: the Earthly builder, pointed at a closed port
-    commit_tag(e, "v1.1.0", {".earthkamal.yml": "builder: dockerfile\n"})
     missing = f"unix://{e.home}/no-such-docker.sock"
+    tag(e, "v1.0.0")  # Earthfile: the Earthly builder, pointed at a closed port
+    cli(e.home, "run", "--once", env={**e.env, "DOCKER_HOST": missing})
+    commit_tag(e, "v1.1.0", {".earthkamal.yml": "builder: dockerfile\n"})
     cli(e.home, "run", "--once", env={**e.env, "DOCKER_HOST": missing})
 
     j, log = assert_failed(e, "v1.0.0", f"Earthly cannot reach the BuildKit daemon ({host}); "
@@ -226,16 +232,15 @@ def test_gates_stop_the_build_and_passing_gates_build(apps, registry):
     failing_test = f"\ntest:\n    FROM {BASE_IMAGE}\n    RUN echo {token()} && false\n"
     passing_test = f"\ntest:\n    FROM {BASE_IMAGE}\n    RUN echo {token()}\n"
     commit_tag(e, "v1.0.0", {".earthkamal.yml": "gate: [+test]\n",
-                             "Earthfile": earthfile(full, "ekgate", extra=failing_test)})
+                             "Earthfile": earthfile(full, "ekgate", extra=failing_test)}, run=True)
     stage = f"FROM {BASE_IMAGE} AS test\nRUN echo {token()} && exit 3\n\n"
     commit_tag(e, "v1.1.0", {".earthkamal.yml": "builder: dockerfile\ngate: [test]\n",
-                             "Dockerfile": dockerfile("ekgate", head=stage)})
+                             "Dockerfile": dockerfile("ekgate", head=stage)}, run=True)
     commit_tag(e, "v1.2.0", {".earthkamal.yml": "gate: [+test]\n",
-                             "Earthfile": earthfile(full, "ekgate", extra=passing_test)})
+                             "Earthfile": earthfile(full, "ekgate", extra=passing_test)}, run=True)
     stage = f"FROM {BASE_IMAGE} AS test\nRUN echo {token()}\n\n"
     commit_tag(e, "v1.3.0", {".earthkamal.yml": "builder: dockerfile\ngate: [test]\n",
-                             "Dockerfile": dockerfile("ekgate", head=stage)})
-    e.cli("run", "--once")
+                             "Dockerfile": dockerfile("ekgate", head=stage)}, run=True)
 
     j, log = assert_failed(e, "v1.0.0", "gate +test failed (Earthly exit 1)")
     assert j["reason"].startswith("gate +test ")
@@ -265,7 +270,8 @@ def test_platform_follows_builder_arch(apps, docker_engine, registry):
     arm = deploy_yml(e, builder={"arch": "arm64"})
     # 1. Earthly, RUN on arm64 without QEMU: the stand-in exits 255 like Earthly.
     commit_tag(e, "v1.0.0", {"config/deploy.yml": arm,
-                             "Earthfile": earthfile(full, "ekarch", run=f"RUN echo {token()}")})
+                             "Earthfile": earthfile(full, "ekarch", run=f"RUN echo {token()}")},
+               run=True)
     # 2. The image the config names (`earthly.image`) is a prebuilt amd64 one: refused.
     prebuilt = "ektest-prebuilt/ekarch:amd64"
     docker_engine.run("build", "-t", prebuilt, "-",
@@ -275,15 +281,15 @@ def test_platform_follows_builder_arch(apps, docker_engine, registry):
     scratch = ("VERSION 0.8\ndocker:\n    FROM scratch\n    COPY version.txt /version\n"
                "    LABEL service=ekarch\n    SAVE IMAGE ektest-scratch/ekarch:latest\n")
     commit_tag(e, "v1.1.0", {".earthkamal.yml": f"earthly:\n  image: {prebuilt}\n",
-                             "Earthfile": scratch})
+                             "Earthfile": scratch}, run=True)
     # 3. Dockerfile builder, arm64, an image without RUN: built and pushed for arm64.
     commit_tag(e, "v1.2.0", {".earthkamal.yml": "builder: dockerfile\n",
                              "Dockerfile": "FROM scratch\nCOPY version.txt /version\n"
-                                           "LABEL service=ekarch\n"})
+                                           "LABEL service=ekarch\n"}, run=True)
     # 4. Dockerfile builder, arm64, RUN on the amd64-only base image.
     commit_tag(e, "v1.3.0", {".earthkamal.yml": "builder: dockerfile\n",
-                             "Dockerfile": dockerfile("ekarch", run=f"RUN echo {token()}")})
-    e.cli("run", "--once")
+                             "Dockerfile": dockerfile("ekarch", run=f"RUN echo {token()}")},
+               run=True)
 
     j, log = assert_failed(e, "v1.0.0", "emulation failed building linux/arm64 on this amd64 "
                            "machine; install QEMU binfmt support")

@@ -349,7 +349,7 @@ def test_auto_approval_for_destination_deploys_without_a_click(chain, ssh_host, 
     desktop.wait_shown(f"Deployed {service} v1.0.0", timeout=15, after=mark)
     asked = [n for n in desktop.shown()[mark:] if n["summary"].startswith("Deploy ")]
     assert asked == [], asked
-    assert "-d production" in _job_log(e, job) or "production" in _job_log(e, job)
+    assert "$ kamal deploy --skip-push --version=v1.0.0 -d production" in _job_log(e, job)
 
 
 # -- 5. reject on the desktop; a dismissed notification does not approve -----------------------

@@ -12,7 +12,7 @@ import re
 
 from ..errors import UserError
 from ..runner import Command, Result
-from . import BuildSpec
+from . import BuildSpec, host_arch
 
 _STAGE = re.compile(r"^\s*FROM\s+\S+(?:\s+AS\s+([A-Za-z0-9._-]+))?", re.IGNORECASE | re.M)
 
@@ -81,6 +81,13 @@ class DockerfileBuilder:
         if "exec format error" in tail:
             return (f"emulation failed building {spec.platform}: install QEMU binfmt support or "
                     "build on a machine of that architecture.")
+        if spec.platform.split("/")[-1] != host_arch() and (
+                "failed to create LLB definition" in tail
+                or "no match for platform in manifest" in tail):
+            return (f"the base image has no {spec.platform} variant on this {host_arch()} "
+                    f"machine and BuildKit could not fetch one; provide the base image for "
+                    f"{spec.platform} or set builder.arch to {host_arch()} "
+                    f"({_error_line(result) or result.last_line()}).")
         line = _error_line(result) or result.last_line() or "see the job log"
         return f"{what} failed (docker build exit {result.returncode}): {line}"
 
