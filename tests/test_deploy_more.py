@@ -120,6 +120,8 @@ def _clear_kamal_locks(service: str) -> None:
     if KAMAL_STATE.is_dir():
         for p in KAMAL_STATE.glob(f"lock-{service}*"):
             shutil.rmtree(p, ignore_errors=True)
+        for p in KAMAL_STATE.glob(f"{service}*-audit.log"):
+            p.unlink(missing_ok=True)
 
 
 class Chain:

@@ -336,19 +336,24 @@ PIPE_CASES = [
     ("erb-with-kamal", {"config/deploy.yml": ERB_DEPLOY}, {"kamal_binary": "kamal"},
      ("failed", "build", BUILD_FAILS)),
     ("no-dockerfile", {"Dockerfile": None}, {},
-     ("failed", "resolve", "the tagged commit has no Dockerfile (and no Earthfile); commit one")),
+     ("failed", "check build files",
+      "the tagged commit has no Dockerfile (and no Earthfile); commit one")),
     ("no-stage", {".earthkamal.yml": "tags: ['*']\ndockerfile: {target: prod}\n"}, {},
-     ("failed", "resolve", "Dockerfile has no stage named prod; fix `dockerfile.target`")),
+     ("failed", "check build files",
+      "Dockerfile has no stage named prod; fix `dockerfile.target`")),
     ("no-earthfile", {".earthkamal.yml": "tags: ['*']\nbuilder: earthly\n"}, {},
-     ("failed", "resolve", "the tagged commit has no Earthfile; commit one, or set "
+     ("failed", "check build files", "the tagged commit has no Earthfile; commit one, or set "
                          "`builder: dockerfile`")),
     ("no-earthly-target", {"Earthfile": "VERSION 0.8\nother:\n    FROM scratch\n"}, {},
-     ("failed", "resolve", "the Earthfile at this commit has no target +docker; add it, or set "
-                           "`earthly.target` in .earthkamal.yml")),
+     ("failed", "check build files",
+      "the Earthfile at this commit has no target +docker; add it, or set "
+      "`earthly.target` in .earthkamal.yml")),
     ("docker-missing", {}, {"docker_binary": "/nonexistent/docker"},
-     ("failed", "build", "/nonexistent/docker is not installed or not on PATH")),
+     ("failed", "build", "`/nonexistent/docker` is not installed or not on PATH; "
+      "install it, or set `docker_binary`")),
     ("earthly-missing", {"Earthfile": "VERSION 0.8\ndocker:\n    FROM scratch\n"}, {},
-     ("failed", "build", "/nonexistent/earthly is not installed or not on PATH")),
+     ("failed", "build", "`/nonexistent/earthly` is not installed or not on PATH; "
+      "install it, or set `earthly_binary`")),
     ("kamal-missing-falls-back-to-yaml", {}, {},
      ("failed", "build", BUILD_FAILS)),
 ]
@@ -405,7 +410,7 @@ def test_git_missing(tmp_path):
     os.symlink(sys.executable, bindir / "python3")
     res = cli(tmp_path / "home", "install", str(repo), check=False,
               env={"PATH": str(bindir)})
-    one_sentence(res, "git is not installed")
+    one_sentence(res, "`git` is not installed or not on PATH; install it.")
 
 
 # -- keyring ------------------------------------------------------------------------------------

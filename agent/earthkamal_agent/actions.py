@@ -5,6 +5,7 @@ Each records its decision in the store in one transaction and wakes the running 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from . import spool
@@ -51,8 +52,11 @@ def retry(paths: Paths, store: Store, job: Job) -> str:
     if job.state == "interrupted" or (job.state == "failed" and job.step in
                                       ("kamal deploy", "kamal rollback", "verify approval")
                                       and job.approved_digest):
-        store.transition(job.id, "approved", reason=None, step="approved",
-                         decided_by=f"{job.decided_by or 'cli'}+retry")
+        try:
+            store.transition(job.id, "approved", reason=None, step="approved",
+                             decided_by=f"{job.decided_by or 'cli'}+retry")
+        except TransitionError as e:
+            raise UserError(f"job {job.id} cannot be retried: {e}.") from None
         _wake(paths)
         return f"Job {job.id} ({job.tag}) will deploy again (same approved image)."
     if job.state in ("failed", "expired", "canceled", "rejected", "superseded"):
@@ -61,6 +65,7 @@ def retry(paths: Paths, store: Store, job: Job) -> str:
             if target == "detected":
                 _force(store, job, "detected")
             else:
+                store.set_data(job.id, expires_at=time.time() + _approval_timeout(store, job))
                 store.transition(job.id, target, reason=None)
         except TransitionError as e:
             raise UserError(f"job {job.id} cannot be retried: {e}.") from None
@@ -68,6 +73,15 @@ def retry(paths: Paths, store: Store, job: Job) -> str:
         return f"Job {job.id} ({job.tag}) queued again from the start."
     raise UserError(f"job {job.id} ({job.tag}) is {job.state}; only failed, interrupted, "
                     "expired, canceled, rejected or superseded jobs can be retried.")
+
+
+def _approval_timeout(store: Store, job: Job) -> float:
+    from . import repo as gitrepo
+    from .config import REPO_FILE, parse_repo_config
+
+    rec = store.repo(job.repo_id)
+    text = gitrepo.read_file(rec.common_dir, job.commit_oid, REPO_FILE) if rec else None
+    return parse_repo_config(text, f"{REPO_FILE} at {job.tag}").approval_timeout
 
 
 def _force(store: Store, job: Job, state: str) -> None:

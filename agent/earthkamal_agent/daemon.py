@@ -44,6 +44,11 @@ class AgentLock:
             os.close(fd)
             if e.errno in (errno.EAGAIN, errno.EACCES):
                 info = read_lock(self.path)
+                for _ in range(50):  # the winner may not have written its PID yet
+                    if info.get("pid"):
+                        break
+                    time.sleep(0.02)
+                    info = read_lock(self.path)
                 pid = info.get("pid", "?")
                 raise UserError(
                     f"another earthkamal-agent is already running (PID {pid}) for "
@@ -72,6 +77,7 @@ def setup_logging(paths: Paths, verbose: bool = False) -> None:
             record.args = ()
             return True
 
+    logging.raiseExceptions = False  # a full disk must not print a traceback per record
     root = logging.getLogger("earthkamal")
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.handlers.clear()

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import platformdirs
 
+from .errors import UserError
+
 APP = "earthkamal-agent"
 
 
@@ -67,7 +69,7 @@ class Paths:
         return self
 
 
-class UnsafePathError(Exception):
+class UnsafePathError(UserError):
     """A state path is a symlink or not owned by us."""
 
 

@@ -12,6 +12,7 @@ import logging
 import os
 import queue
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -119,17 +120,28 @@ class Pipeline:
     def recover(self) -> None:
         """After a crash: restart image preparation, park interrupted deploys for a person."""
         for job in self.store.jobs(states=("snapshotting", "building", "publishing")):
+            if _alive_group(job.extra.get("pgid"), job.extra.get("pgid_start")):
+                os.killpg(job.extra["pgid"], signal.SIGTERM)  # the killed agent's build
+                log.info("job %s: stopped the build left running by the previous agent", job.id)
             self.store.transition(job.id, "detected", reason=f"agent restarted during {job.step}")
             snapshot.remove(snapshot.build_dir(self.paths.builds, job.id))
             log.info("job %s: restarting after interruption in %s", job.id, job.step)
         for job in self.store.jobs(states=("deploying",)):
+            pgid = job.extra.get("pgid")
+            still = (f" (its kamal, process group {pgid}, is still running: let it finish)"
+                     if _alive_group(pgid, job.extra.get("pgid_start")) else "")
             self.store.transition(
-                job.id, "interrupted", reason="the agent stopped during `kamal deploy`; check the "
-                f"servers, then `earthkamal-agent retry {job.id}` or `cancel {job.id}`")
+                job.id, "interrupted", reason="the agent stopped during `kamal deploy`" + still +
+                f"; check the servers, then `earthkamal-agent retry {job.id}` or "
+                f"`cancel {job.id}`")
             log.warning("job %s: deploy interrupted; waiting for a person", job.id)
         self._clean_orphans()
 
     def _clean_orphans(self) -> None:
+        from . import sshagent
+
+        for pid in sshagent.reap_orphans(self.paths.run):
+            log.info("stopped ssh-agent %s left by the previous agent", pid)
         keep = {j.id for j in self.store.jobs(states=("detected", "awaiting_approval",
                                                        "approved", "interrupted"))}
         for d in self.paths.builds.glob("job-*"):
@@ -193,6 +205,8 @@ class Pipeline:
         newest: dict[tuple[int, str], Job] = {}
         for j in self.store.jobs(states=("detected", "snapshotting", "building", "publishing",
                                          "awaiting_approval", "approved", "deploying")):
+            if j.state == "detected" and self._needs_signature(j):
+                continue  # an unverified tag must not displace anything (it may be refused)
             key = (j.repo_id, j.destination or "")
             if key not in newest or j.id > newest[key].id:
                 newest[key] = j
@@ -208,6 +222,16 @@ class Pipeline:
                              top.tag)
                 except TransitionError:
                     pass
+
+    def _needs_signature(self, job: Job) -> bool:
+        if self.user.get("require_signed_tags"):
+            return True
+        repo = self.store.repo(job.repo_id)
+        try:
+            text = gitrepo.read_file(repo.common_dir, job.commit_oid, REPO_FILE) if repo else None
+            return bool(parse_repo_config(text, REPO_FILE)["require_signed_tags"])
+        except Exception:  # noqa: BLE001 - a bad config fails the job later, with its sentence
+            return False
 
     def _start(self, job_id: int, fn, *args) -> None:  # noqa: ANN001
         cancel = threading.Event()
@@ -360,7 +384,9 @@ class Pipeline:
         c.log(f"-- {step}")
 
     def _run(self, c: Ctx, command: Command, what: str) -> Result:
-        res = run(command, log=c.log, redactor=c.redactor, cancel=c.cancel, capture=True)
+        res = run(command, log=c.log, redactor=c.redactor, cancel=c.cancel, capture=True,
+                  on_start=lambda pid: c.store.set_data(c.job.id, pgid=pid,
+                                                           pgid_start=_proc_start(pid)))
         if res.canceled or c.cancel.is_set():
             raise Canceled()
         return res
@@ -481,6 +507,7 @@ class Pipeline:
                          platform=self._platform(c), settings=section, user=self.user,
                          secrets=spec_secrets, push=c.cfg["publish"] == "earthly",
                          tmp_dir=c.scratch)
+        self._step(c, "check build files")
         builder.check(spec)
         c.store.set_data(c.job.id, builder=builder.name, platform=spec.platform)
         secret_files = []
@@ -705,9 +732,14 @@ class Pipeline:
             env, agent_proc = self._deploy_env(c)
             rollback = bool(c.job.extra.get("rollback"))
             self._move(c, "deploying", step="kamal rollback" if rollback else "kamal deploy")
-            command = (kamal.rollback_command(c.app, c.job.version, c.job.destination, env)
-                       if rollback else kamal.deploy_command(c.app, c.names, env))
-            res = run(command, log=c.log, redactor=c.redactor, capture=True)
+            binary = self.user.get("kamal_binary") or "kamal"
+            command = (kamal.rollback_command(c.app, c.job.version, c.job.destination, env,
+                                              kamal_binary=binary)
+                       if rollback else kamal.deploy_command(c.app, c.names, env,
+                                                             kamal_binary=binary))
+            res = run(command, log=c.log, redactor=c.redactor, capture=True,
+                      on_start=lambda pid: c.store.set_data(c.job.id, pgid=pid,
+                                                           pgid_start=_proc_start(pid)))
             if res.ok and rollback and kamal.rollback_missing(res.output):
                 self._fail(c, f"kamal rollback found no {c.job.version} container on the hosts "
                               "(Kamal keeps only recent ones); deploy it again with "
@@ -796,6 +828,22 @@ class Pipeline:
             proc, sock = sshagent.start(self.paths.run, c.job.id, key, c.log)
             env["SSH_AUTH_SOCK"] = sock
         return {**env}, proc
+
+
+def _proc_start(pid: int) -> str | None:
+    """A process's start time (Linux /proc), so a reused PID is never mistaken for ours."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive_group(pgid: object, start: object) -> bool:
+    """The process group we started is still there (same leader, same start time)."""
+    if not isinstance(pgid, int) or pgid <= 1 or start is None:
+        return False
+    return _proc_start(pgid) == start
 
 
 def last_deployed(store: Store, repo_id: int, destination: str | None,

@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from .errors import UserError
 from .redact import Redactor
 
 LogFn = Callable[[str], None]
@@ -78,8 +79,18 @@ class Result:
         return ""
 
 
-class CommandNotFound(Exception):
+class CommandNotFound(UserError):
     """The program of a command is not installed."""
+
+
+_BINARY_KEYS = {"docker": "docker_binary", "earthly": "earthly_binary", "earth": "earthly_binary",
+                "kamal": "kamal_binary"}
+
+
+def not_found_sentence(program: str) -> str:
+    key = _BINARY_KEYS.get(os.path.basename(program))
+    where = f", or set `{key}` in the agent's config.yml to its path" if key else ""
+    return f"`{program}` is not installed or not on PATH; install it{where}."
 
 
 def _quote(a: str) -> str:
@@ -105,6 +116,7 @@ def run(
     cancel: threading.Event | None = None,
     capture: bool = False,
     tail_lines: int = 40,
+    on_start: Callable[[int], None] | None = None,
 ) -> Result:
     """Run ``command``; stream stdout+stderr lines (redacted) to ``log``."""
     red = redactor or Redactor()
@@ -124,10 +136,10 @@ def run(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    except FileNotFoundError as e:
-        raise CommandNotFound(
-            f"{command.argv[0]} is not installed or not on PATH"
-        ) from e
+    except FileNotFoundError:
+        raise CommandNotFound(not_found_sentence(command.argv[0])) from None
+    if on_start is not None:
+        on_start(proc.pid)  # the child leads its own process group (start_new_session)
     if command.stdin is not None:
         def feed() -> None:
             try:
@@ -205,8 +217,8 @@ def run_quiet(command: Command,
             capture_output=True,
             timeout=command.timeout,
         )
-    except FileNotFoundError as e:
-        raise CommandNotFound(f"{command.argv[0]} is not installed or not on PATH") from e
+    except FileNotFoundError:
+        raise CommandNotFound(not_found_sentence(command.argv[0])) from None
 
 
 def argv_of(parts: Sequence[str]) -> tuple[str, ...]:

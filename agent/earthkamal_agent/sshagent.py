@@ -40,6 +40,7 @@ def start(run_dir: Path, job_id: int, key: str,
     except FileNotFoundError:
         raise UserError("an SSH key is stored for deploys but ssh-agent is not installed; "
                         "install OpenSSH's client tools.") from None
+    Path(sock).with_suffix(".pid").write_text(f"{proc.pid}\n")
     for _ in range(100):
         if os.path.exists(sock):
             break
@@ -63,3 +64,30 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         proc.kill()
+    for a in proc.args if isinstance(proc.args, list) else []:
+        if str(a).endswith(".sock"):
+            Path(a).unlink(missing_ok=True)
+            Path(a).with_suffix(".pid").unlink(missing_ok=True)
+
+
+def reap_orphans(run_dir: Path) -> list[int]:
+    """After a crash: stop ssh-agents a killed agent left behind (their pid files say which)."""
+    killed = []
+    for pidfile in run_dir.glob("ssh-agent-*.pid"):
+        sock = pidfile.with_suffix(".sock")
+        try:
+            pid = int(pidfile.read_text().strip())
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                ours = str(sock).encode() in f.read()
+        except (OSError, ValueError):
+            ours = False
+            pid = 0
+        if ours:
+            try:
+                os.killpg(pid, signal.SIGTERM)
+                killed.append(pid)
+            except ProcessLookupError:
+                pass
+        pidfile.unlink(missing_ok=True)
+        sock.unlink(missing_ok=True)
+    return killed

@@ -34,7 +34,7 @@ _ALLOWED: dict[str, set[str]] = {
     "approved": {"deploying", "awaiting_approval"},
     "deploying": {"deployed", "interrupted"},
     "interrupted": {"detected", "approved"},
-    "failed": {"detected"},
+    "failed": {"detected", "approved"},  # retry of a failed deploy: same approved image
     "rejected": set(),
     "expired": {"awaiting_approval"},
 }
@@ -160,6 +160,11 @@ class Store:
 
     def __init__(self, path: Path, timeout: float = 10.0) -> None:
         self.path = path
+        if path.is_symlink():
+            from .paths import UnsafePathError
+
+            raise UnsafePathError(f"{path} is a symlink; the agent keeps its database only in a "
+                                  "real file it owns. Remove the link and run the command again.")
         new = not path.exists()
         if new:
             fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o600)

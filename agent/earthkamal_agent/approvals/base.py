@@ -20,7 +20,7 @@ CLI = "earthkamal-agent"
 #: How many commit subjects a notification lists.
 MAX_CHANGES = 5
 
-log = logging.getLogger("earthkamal_agent.approvals")
+log = logging.getLogger("earthkamal.approvals")
 
 
 @dataclass(frozen=True)
