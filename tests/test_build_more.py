@@ -210,9 +210,15 @@ def test_two_repos_share_buildkit_within_limit(limit, apps, tmp_path, registry):
         commit_tag(e, "v1.0.0", {"Earthfile": earthfile(full, n, run=slow)})
     e = envs[0]
     e.agent()
-    for n, env in zip(names, envs, strict=True):
-        j = env.wait_state("v1.0.0", "awaiting_approval", "failed", timeout=180)
-        assert [x for x in e.jobs() if x["repo"] == n][0]["state"] == "awaiting_approval", j
+    # both repos share the state dir and the tag name: wait for each repo's own job
+    def final():
+        js = {x["repo"]: x for x in e.jobs()}
+        done = all(js.get(n, {}).get("state") in ("awaiting_approval", "failed") for n in names)
+        return js if done else None
+
+    js = wait_for(final, timeout=180, interval=0.2, what="both repos' jobs to finish")
+    for n in names:
+        assert js[n]["state"] == "awaiting_approval", js[n]
         assert "v1.0.0" in registry.tags(f"ektest/{n}")
     runs = sorted(history(tmp_path))
     assert len(runs) == 2 and all(r[4] == 0 for r in runs), runs

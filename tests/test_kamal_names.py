@@ -286,7 +286,7 @@ def test_commands(tmp_path: Path) -> None:
     assert dep.env == {"PW": "s3cret", "VERSION": None} and dep.secret_env == {"PW"}
     assert dep.cwd == str(app)
     rb = kamal.rollback_command(app, "v1", None, {})
-    assert rb.argv == ("kamal", "rollback", "v1") and rb.env == {"VERSION": None}
+    assert rb.argv == ("kamal", "rollback", "v1", "--version=v1") and rb.env == {"VERSION": None}
     assert kamal.rollback_command(app, "v1", "prod").argv[-2:] == ("-d", "prod")
 
 

@@ -105,7 +105,7 @@ def _files(roots: list[Path], skip: list[Path]):
                     pass
 
 
-def test_no_secret_anywhere_after_a_full_run(leak_app, registry, ssh_host):
+def test_no_secret_anywhere_after_a_full_run(leak_app, registry, ssh_host, tmp_path):
     e = leak_app
     sampler = CmdlineSampler()
     sampler.start()
@@ -145,7 +145,11 @@ def test_no_secret_anywhere_after_a_full_run(leak_app, registry, ssh_host):
     agent_home = Path(e.env.get("HOME") or os.environ["HOME"])
     roots = [e.home, agent_home, Path(e.env.get("XDG_CACHE_HOME", agent_home / ".cache")),
              Path("/tmp"), Path("/dev/shm")]
-    for p, data in _files(roots, _server_side_roots(ssh_host)):
+    # Other tests' own tmp dirs (their harness logs in to the session's registry itself) are not
+    # the agent's files; this test's tmp dir, the state dir and everything else are scanned.
+    others = [d for d in tmp_path.parent.iterdir() if d != tmp_path and d.is_dir()]
+    others += [d for d in tmp_path.parent.parent.iterdir() if d != tmp_path.parent]
+    for p, data in _files(roots, _server_side_roots(ssh_host) + others):
         scan(str(p), data)
     print(f"leak scan: {places} places scanned ({len(sampler.seen)} command lines), "
           f"{len(needles)} secret patterns, {len(leaks)} leaks")
