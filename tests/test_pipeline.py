@@ -124,3 +124,53 @@ def test_earthly_standin_build(tmp_path, docker_engine, base_image, registry, os
         e.stop()
 
 
+
+
+def test_publish_left_to_earthly(tmp_path, docker_engine, base_image, registry, os_keyring):
+    """`publish: earthly`: SAVE IMAGE --push pushes, with the temporary registry login."""
+    e = setup_app(tmp_path, docker_engine, registry, os_keyring, service="ekepush",
+                  earthfile=True)
+    try:
+        ef = e.app_root / "Earthfile"
+        text = ef.read_text().replace("    SAVE IMAGE $IMAGE:$TAG", "    ARG REF\n"
+                                      "    SAVE IMAGE --push $REF")
+        ef.write_text(text)
+        (e.app_root / ".earthkamal.yml").write_text("publish: earthly\nearthly:\n"
+                                                    "  image_arg: REF\n")
+        git(e.app_root, "add", "-A")
+        git(e.app_root, "commit", "-qm", "earthly pushes")
+        tag(e, "v1.0.0")
+        e.cli("run", "--once")
+        j = e.job("v1.0.0")
+        log = (e.home / "logs" / f"job-{j['id']}.log").read_text()
+        assert j["state"] == "awaiting_approval", log
+        assert "--push" in [ln for ln in log.splitlines() if "$ " in ln and "+docker" in ln][0]
+        assert "Pushed image +docker as" in log
+        assert j["digest"] == registry.manifest_digest("ektest/ekepush", "v1.0.0")
+        assert registry.password not in log
+    finally:
+        e.stop()
+
+
+def test_snapshot_includes_submodules_and_only_committed_files(tmp_path):
+    from earthkamal_agent import snapshot
+
+    from tests.helpers import commit, make_repo
+
+    lib = make_repo(tmp_path / "lib", files={"lib.txt": "library v1\n"})
+    app = make_repo(tmp_path / "app", files={"app.txt": "app\n"})
+    git(app, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(lib), "vendor/lib")
+    git(app, "commit", "-qm", "add submodule")
+    head = git(app, "rev-parse", "HEAD").stdout.decode().strip()
+    (app / "app.txt").write_text("uncommitted\n")
+    (app / ".secret").write_text("TOKEN=x\n")
+    index = (app / ".git/index").read_bytes()
+    out = snapshot.export(str(app / ".git"), head, tmp_path / "snap")
+    assert (out / "vendor/lib/lib.txt").read_text() == "library v1\n"
+    assert (out / "app.txt").read_text() == "app\n"
+    assert not (out / ".secret").exists()
+    assert (app / ".git/index").read_bytes() == index
+    assert (app / "app.txt").read_text() == "uncommitted\n"
+    commit(lib, {"lib.txt": "library v2\n"})  # a newer lib commit does not leak in
+    out = snapshot.export(str(app / ".git"), head, tmp_path / "snap")
+    assert (out / "vendor/lib/lib.txt").read_text() == "library v1\n"
