@@ -13,83 +13,35 @@ import os
 import queue
 import shutil
 import signal
-import tempfile
 import threading
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
-from . import approvals, kamal, publish, snapshot
+from . import approvals, kamal, publisher, snapshot
 from . import repo as gitrepo
 from .builders import BuildSpec
 from .builders import select as select_builder
-from .config import REPO_FILE, RepoConfig, load_user_config, parse_repo_config
+from .config import REPO_FILE, load_user_config, parse_repo_config
+from .deployer import KamalDeployer
 from .errors import UserError
 from .joblog import JobLog
+from .jobrun import (
+    Canceled,
+    JobRun,
+    StageFailed,
+    alive_group,
+    keyring_secrets,
+    pick_scratch,
+    platform_of,
+    scratch_prefix,
+)
 from .paths import Paths
 from .redact import Redactor
 from .runner import Command, Result, run
-from .store import Job, Repo, Store, TransitionError
+from .store import Job, Store, TransitionError
 
 log = logging.getLogger("earthkamal.pipeline")
-
-
-class _LazySecrets:
-    """The keyring is imported on first use: it costs ~10 MB the idle agent need not hold."""
-
-    def __getattr__(self, name: str):
-        from . import secrets
-
-        return getattr(secrets, name)
-
-
-keyring_secrets = _LazySecrets()
-
-SSH_KEY_SECRET = "SSH_PRIVATE_KEY"
-
-
-class Canceled(Exception):
-    """The job was canceled, superseded or deleted while a stage ran."""
-
-
-class StageFailed(UserError):
-    """A stage failed; the message is the sentence for status."""
-
-
-@dataclass
-class Ctx:
-    """What one job's stages share."""
-
-    store: Store
-    job: Job
-    repo: Repo
-    log: JobLog
-    redactor: Redactor
-    user: dict
-    cancel: threading.Event
-    scratch: Path
-    cfg: RepoConfig | None = None
-    app: Path | None = None
-    names: kamal.KamalNames | None = None
-
-
-def _scratch_prefix(run_dir: Path) -> str:
-    """Per user and per state dir, so two agents (EARTHKAMAL_HOME) never touch each other's."""
-    import hashlib
-
-    tag = hashlib.sha256(str(run_dir).encode()).hexdigest()[:10]
-    return f"earthkamal-{os.getuid()}-{tag}-"
-
-
-def _pick_scratch(run_dir: Path, job_id: int) -> Path:
-    """A private dir for temp DOCKER_CONFIG and secret files: memory-backed when possible."""
-    base = Path("/dev/shm")
-    if base.is_dir() and os.access(base, os.W_OK):
-        return Path(tempfile.mkdtemp(prefix=f"{_scratch_prefix(run_dir)}job{job_id}-", dir=base))
-    d = run_dir / f"job-{job_id}"
-    d.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return d
 
 
 class Pipeline:
@@ -105,6 +57,7 @@ class Pipeline:
         self.asked: set[int] = set()
         self._approver = None
         self._lock = threading.Lock()
+        self.deployer = KamalDeployer()
 
     # -- scheduling (main thread) ----------------------------------------------------------
     @property
@@ -120,7 +73,7 @@ class Pipeline:
     def recover(self) -> None:
         """After a crash: restart image preparation, park interrupted deploys for a person."""
         for job in self.store.jobs(states=("snapshotting", "building", "publishing")):
-            if _alive_group(job.extra.get("pgid"), job.extra.get("pgid_start")):
+            if alive_group(job.extra.get("pgid"), job.extra.get("pgid_start")):
                 os.killpg(job.extra["pgid"], signal.SIGTERM)  # the killed agent's build
                 log.info("job %s: stopped the build left running by the previous agent", job.id)
             self.store.transition(job.id, "detected", reason=f"agent restarted during {job.step}")
@@ -129,7 +82,7 @@ class Pipeline:
         for job in self.store.jobs(states=("deploying",)):
             pgid = job.extra.get("pgid")
             still = (f" (its kamal, process group {pgid}, is still running: let it finish)"
-                     if _alive_group(pgid, job.extra.get("pgid_start")) else "")
+                     if alive_group(pgid, job.extra.get("pgid_start")) else "")
             self.store.transition(
                 job.id, "interrupted", reason="the agent stopped during `kamal deploy`" + still +
                 f"; check the servers, then `earthkamal-agent retry {job.id}` or "
@@ -153,7 +106,7 @@ class Pipeline:
             if jid not in keep and not (job and job.state == "failed" and
                                         (job.extra.get("keep_snapshot"))):
                 snapshot.remove(d)
-        for d in Path("/dev/shm").glob(f"{_scratch_prefix(self.paths.run)}job*"):
+        for d in Path("/dev/shm").glob(f"{scratch_prefix(self.paths.run)}job*"):
             shutil.rmtree(d, ignore_errors=True)
 
     def schedule(self) -> None:
@@ -360,38 +313,26 @@ class Pipeline:
             log.warning("notification failed: %s", e)
 
     # -- stage plumbing --------------------------------------------------------------------
-    def _ctx(self, job_id: int, cancel: threading.Event) -> Ctx:
+    def _ctx(self, job_id: int, cancel: threading.Event) -> JobRun:
         store = Store(self.paths.db)
         job = store.job(job_id)
         assert job is not None
         repo = store.repo(job.repo_id)
         assert repo is not None
         red = Redactor()
-        return Ctx(store, job, repo, JobLog(self.paths.logs, job_id, red), red, self.user,
-                   cancel, _pick_scratch(self.paths.run, job_id))
+        return JobRun(store, job, repo, JobLog(self.paths.logs, job_id, red), red, self.user,
+                      self.paths, cancel, pick_scratch(self.paths.run, job_id))
 
-    def _move(self, c: Ctx, state: str, step: str | None = None, **fields) -> None:
-        if c.cancel.is_set():
-            raise Canceled()
-        try:
-            c.job = c.store.transition(c.job.id, state, step=step, **fields)
-        except TransitionError as e:
-            raise Canceled(str(e)) from None
-        c.log(f"== {state}" + (f" ({step})" if step else ""))
+    def _move(self, c: JobRun, state: str, step: str | None = None, **fields) -> None:
+        c.move(state, step, **fields)
 
-    def _step(self, c: Ctx, step: str) -> None:
-        c.store.update(c.job.id, step=step)
-        c.log(f"-- {step}")
+    def _step(self, c: JobRun, step: str) -> None:
+        c.step(step)
 
-    def _run(self, c: Ctx, command: Command, what: str) -> Result:
-        res = run(command, log=c.log, redactor=c.redactor, cancel=c.cancel, capture=True,
-                  on_start=lambda pid: c.store.set_data(c.job.id, pgid=pid,
-                                                           pgid_start=_proc_start(pid)))
-        if res.canceled or c.cancel.is_set():
-            raise Canceled()
-        return res
+    def _run(self, c: JobRun, command: Command, what: str) -> Result:
+        return c.run(command, what)
 
-    def _fail(self, c: Ctx, reason: str) -> None:
+    def _fail(self, c: JobRun, reason: str) -> None:
         c.log(f"FAILED: {reason}")
         try:
             state = c.store.job(c.job.id).state
@@ -404,7 +345,7 @@ class Pipeline:
                     c.job.step, reason)
         self._notify(f"{c.repo.name} {c.job.tag}: {c.job.step or 'job'} failed", reason)
 
-    def _finish(self, c: Ctx, ok: bool) -> None:
+    def _finish(self, c: JobRun, ok: bool) -> None:
         shutil.rmtree(c.scratch, ignore_errors=True)
         c.log.close()
         state = c.store.job(c.job.id).state
@@ -441,7 +382,7 @@ class Pipeline:
         finally:
             self._finish(c, ok)
 
-    def _stage_config(self, c: Ctx) -> None:
+    def _stage_config(self, c: JobRun) -> None:
         text = gitrepo.read_file(c.repo.common_dir, c.job.commit_oid, REPO_FILE)
         c.cfg = parse_repo_config(text, f"{REPO_FILE} at {c.job.tag}")
         if c.cfg["require_signed_tags"] or self.user.get("require_signed_tags"):
@@ -456,7 +397,7 @@ class Pipeline:
                 c.job = c.store.job(c.job.id)
                 c.log(f"refused: {c.job.reason}")
 
-    def _stage_snapshot(self, c: Ctx) -> None:
+    def _stage_snapshot(self, c: JobRun) -> None:
         self._move(c, "snapshotting", step="snapshot")
         dest = snapshot.build_dir(self.paths.builds, c.job.id)
         t0 = time.monotonic()
@@ -475,14 +416,7 @@ class Pipeline:
         c.log(f"image {c.names.absolute_image} (service {c.names.service}, from "
               f"{c.names.source})")
 
-    def _platform(self, c: Ctx) -> str:
-        arch = c.names.arch
-        if len(arch) != 1:
-            raise StageFailed(f"builder.arch lists {', '.join(arch)}; the agent builds one "
-                              "architecture per image: set builder.arch to the servers' one.")
-        return f"linux/{arch[0]}"
-
-    def _build_secrets(self, c: Ctx, names: list[str]) -> dict[str, str]:
+    def _build_secrets(self, c: JobRun, names: list[str]) -> dict[str, str]:
         out = {}
         scope = c.repo.worktree or c.repo.common_dir
         missing = []
@@ -498,13 +432,13 @@ class Pipeline:
                               f"add them with `earthkamal-agent secrets set {missing[0]}`.")
         return out
 
-    def _stage_build(self, c: Ctx) -> None:
+    def _stage_build(self, c: JobRun) -> None:
         assert c.app and c.names and c.cfg
         builder = select_builder(c.cfg["builder"], c.app)
         section = dict(c.cfg["earthly"] if builder.name == "earthly" else c.cfg["dockerfile"])
         spec_secrets = self._build_secrets(c, list(section.get("secrets") or []))
         spec = BuildSpec(app_dir=c.app, image_ref=c.names.absolute_image,
-                         platform=self._platform(c), settings=section, user=self.user,
+                         platform=platform_of(c.names), settings=section, user=self.user,
                          secrets=spec_secrets, push=c.cfg["publish"] == "earthly",
                          tmp_dir=c.scratch)
         self._step(c, "check build files")
@@ -540,7 +474,7 @@ class Pipeline:
                 self._step(c, "build")
                 command = builder.build_command(spec)
                 if spec.push:  # Earthly pushes itself: it gets the temporary registry login
-                    config_dir = self._login(c, c.names)
+                    config_dir = publisher.login(c, c.names)
                     if config_dir:
                         command = dataclasses.replace(
                             command, env={**command.env, "DOCKER_CONFIG": config_dir})
@@ -552,138 +486,21 @@ class Pipeline:
             for p in secret_files:
                 p.unlink(missing_ok=True)
 
-    def _run_build(self, c: Ctx, builder, spec: BuildSpec, command: Command) -> Result:  # noqa: ANN001
+    def _run_build(self, c: JobRun, builder, spec: BuildSpec, command: Command) -> Result:  # noqa: ANN001
         res = self._run(c, command, "build")
         if not res.ok and builder.should_retry(res):
             c.log("transient BuildKit error (inconsistent graph state); retrying once")
             res = self._run(c, command, "build")
         return res
 
-    def _docker_ok(self, c: Ctx, command: Command, what: str) -> Result:
-        res = self._run(c, command, what)
-        if not res.ok:
-            raise StageFailed(f"{what} failed: {res.last_line() or 'see the job log'}")
-        return res
-
-    def _stage_publish(self, c: Ctx) -> None:
-        assert c.app and c.names and c.cfg
-        self._move(c, "publishing", step="check image")
-        names = c.names
-        built = c.store.job(c.job.id).extra.get("built_image") or names.absolute_image
-        from .runner import run_quiet
-
-        info_res = run_quiet(publish.inspect_command(self.user, built))
-        if info_res.returncode != 0:
-            if c.cfg["publish"] == "earthly":
-                info = None
-            else:
-                raise StageFailed(f"the build reported image {built}, but Docker does not have "
-                                  "it; check the target's SAVE IMAGE name (`earthly.image`).")
-        else:
-            info = publish.parse_inspect(info_res.stdout)
-        want_arch = self._platform(c).split("/")[1]
-        if info is not None:
-            problem = publish.label_problem(info["labels"], names.service, built)
-            if problem and c.cfg["add_service_label"]:
-                self._step(c, "add service label")
-                self._docker_ok(c, publish.add_label_command(self.user, built, names.service,
-                                                             names.absolute_image, str(c.app)),
-                                "adding the service label")
-                built = names.absolute_image
-                problem = None
-            if problem:
-                raise StageFailed(problem)
-            problem = publish.arch_problem(info["arch"], want_arch, built)
-            if problem:
-                raise StageFailed(problem)
-        refs = [names.absolute_image]
-        if c.cfg["latest"]:
-            refs.append(f"{names.repository}:{names.latest_tag}")
-        if c.cfg["publish"] == "earthly":
-            digest = self._registry_digest(c, names, names.version)
-        else:
-            for ref in refs:
-                if ref != built:
-                    self._docker_ok(c, publish.tag_command(self.user, built, ref), "docker tag")
-            config_dir = self._login(c, names)
-            digest = None
-            for ref in refs:
-                self._step(c, f"push {ref}")
-                res = self._run(c, publish.push_command(self.user, ref, config_dir), "push")
-                if not res.ok:
-                    where = names.registry_server or "Docker Hub"
-                    raise StageFailed(f"pushing {ref} failed: "
-                                      f"{publish.push_error(res.output)} ({where}).")
-                if ref == names.absolute_image:
-                    digest = publish.pushed_digest(res.output)
-            self._step(c, "verify digest")
-            remote = self._registry_digest(c, names, names.version)
-            if digest and remote != digest:
-                raise StageFailed(f"the registry serves {remote} for {names.absolute_image}, "
-                                  f"not the pushed {digest}; another push raced this one.")
-            digest = remote
+    def _stage_publish(self, c: JobRun) -> None:
+        digest = publisher.select(c.cfg).publish(c)
+        if not digest:
+            raise StageFailed("the registry reported no digest for the pushed image; an "
+                              "approval must pin one, so the job stops here.")
         c.store.update(c.job.id, digest=digest)
-        c.log(f"published {names.absolute_image} {digest}")
 
-    def _registry_creds(self, c: Ctx, names: kamal.KamalNames) -> tuple[str | None, str | None]:
-        if names.local_registry or not names.registry_username:
-            return None, None
-        scope = c.repo.worktree or c.repo.common_dir
-        app_secrets = kamal.secret_names(c.app, c.job.destination) if c.app else {}
-        for name in names.registry_password_secrets:
-            var = app_secrets.get(name, name)
-            value = keyring_secrets.get_secret(var, scope)
-            if value:
-                c.redactor.add(value)
-                return names.registry_username, value
-        wanted = names.registry_password_secrets[0] if names.registry_password_secrets else \
-            "KAMAL_REGISTRY_PASSWORD"
-        var = app_secrets.get(wanted, wanted)
-        raise StageFailed(f"the registry password {var} is not in the keyring; add it with "
-                          f"`earthkamal-agent secrets set {var} --repo {scope}`.")
-
-    def _login(self, c: Ctx, names: kamal.KamalNames) -> str | None:
-        if names.local_registry:
-            self._ensure_local_registry(c, names)
-            return None
-        if self.user.get("use_docker_config"):
-            return None
-        user, password = self._registry_creds(c, names)
-        config_dir = c.scratch / "docker-config"
-        config_dir.mkdir(mode=0o700, exist_ok=True)
-        if user and password:
-            self._step(c, "registry login")
-            res = self._run(c, publish.login_command(self.user, names.registry_server or
-                                                     "docker.io", user, password,
-                                                     str(config_dir)), "login")
-            if not res.ok:
-                raise StageFailed(f"the registry {names.registry_server or 'Docker Hub'} refused "
-                                  f"the login for {user}: {res.last_line()}; check the password "
-                                  "with `earthkamal-agent secrets set`.")
-        return str(config_dir)
-
-    def _ensure_local_registry(self, c: Ctx, names: kamal.KamalNames) -> None:
-        port = (names.registry_server or "localhost:5555").rpartition(":")[2] or "5555"
-        self._step(c, "local registry")
-        start, run_cmd = publish.local_registry_commands(self.user, port)
-        if self._run(c, start, "start local registry").ok:
-            return
-        res = self._run(c, run_cmd, "run local registry")
-        if not res.ok:
-            raise StageFailed(f"Kamal's local registry (kamal-docker-registry on port {port}) "
-                              f"could not be started: {res.last_line()}")
-
-    def _registry_digest(self, c: Ctx, names: kamal.KamalNames, tag: str) -> str:
-        from .registry import RegistryError, manifest_digest
-
-        user, password = self._registry_creds(c, names) if c.app else (None, None)
-        try:
-            return manifest_digest(names.repository, tag, user, password)
-        except RegistryError as e:
-            raise StageFailed(f"could not read {names.repository}:{tag} back from the "
-                              f"registry: {e}.") from None
-
-    def _stage_queue_for_approval(self, c: Ctx) -> None:
+    def _stage_queue_for_approval(self, c: JobRun) -> None:
         newer = [j for j in c.store.jobs(repo_id=c.job.repo_id)
                  if j.id > c.job.id and (j.destination or "") == (c.job.destination or "")
                  and j.state in ("awaiting_approval", "approved", "deploying", "deployed")
@@ -727,35 +544,23 @@ class Pipeline:
                                                                c.job.commit_oid, dest)
             c.names = kamal.resolve(c.app, c.job.version, c.job.destination,
                                     kamal_binary=self.user.get("kamal_binary") or "kamal")
-            if not self._pins_hold(c):
+            prepared = self.deployer.prepare(c)
+            if prepared is None:
                 return
-            env, agent_proc = self._deploy_env(c)
+            env, agent_proc = prepared
             rollback = bool(c.job.extra.get("rollback"))
             self._move(c, "deploying", step="kamal rollback" if rollback else "kamal deploy")
-            binary = self.user.get("kamal_binary") or "kamal"
-            command = (kamal.rollback_command(c.app, c.job.version, c.job.destination, env,
-                                              kamal_binary=binary)
-                       if rollback else kamal.deploy_command(c.app, c.names, env,
-                                                             kamal_binary=binary))
-            res = run(command, log=c.log, redactor=c.redactor, capture=True,
-                      on_start=lambda pid: c.store.set_data(c.job.id, pgid=pid,
-                                                           pgid_start=_proc_start(pid)))
-            if res.ok and rollback and kamal.rollback_missing(res.output):
-                self._fail(c, f"kamal rollback found no {c.job.version} container on the hosts "
-                              "(Kamal keeps only recent ones); deploy it again with "
-                              f"`earthkamal-agent deploy {c.job.tag}` instead.")
-            elif res.ok:
+            # No cancel: stopping the agent must not kill Kamal halfway (it stays recorded).
+            res = run(self.deployer.command(c, env), log=c.log, redactor=c.redactor,
+                      capture=True, on_start=c._started)
+            problem = self.deployer.outcome(c, res)
+            if problem is None:
                 c.store.transition(c.job.id, "deployed", reason=None)
                 c.log("deployed")
                 self._notify(f"Deployed {c.names.service} {c.job.version}",
                              f"{c.repo.name} → {c.job.destination or 'default destination'}")
-            elif kamal.lock_error(res.output):
-                self._fail(c, "Kamal's deploy lock is held on the servers (another deploy is "
-                              f"running); when it is done, `earthkamal-agent retry {c.job.id}`.")
             else:
-                line = kamal.error_line(res.output) or res.last_line()
-                self._fail(c, f"kamal {'rollback' if rollback else 'deploy'} failed (exit "
-                              f"{res.returncode}): {line}")
+                self._fail(c, problem)
         except Canceled:
             c.log("deploy stopped before it started")
         except UserError as e:
@@ -770,80 +575,6 @@ class Pipeline:
                 sshagent.stop(agent_proc)
             self.deploy_keys.discard(key)
             self._finish(c, True)
-
-    def _pins_hold(self, c: Ctx) -> bool:
-        """What was approved is what is deployed: tag commit and registry digest unchanged."""
-        job = c.job
-        target = gitrepo.resolve_tag(c.repo.common_dir, job.tag)
-        if target is None or target.commit_oid != job.approved_commit:
-            now = target.commit_oid[:12] if target else "nothing (deleted)"
-            c.store.transition(job.id, "superseded" if target else "canceled",
-                               reason=f"tag {job.tag} now points to {now}, not the approved "
-                               f"{(job.approved_commit or '')[:12]}; deploy refused")
-            return False
-        if c.names.local_registry and job.approved_digest is None:
-            return True
-        remote = self._registry_digest(c, c.names, c.job.version)
-        if remote != job.approved_digest:
-            c.store.transition(job.id, "awaiting_approval", reason=(
-                f"the registry tag {c.names.absolute_image} now points to {remote[:19]}, not the "
-                f"approved {(job.approved_digest or '')[:19]}; deploy refused, approve again"),
-                digest=remote)
-            return False
-        return True
-
-    def _deploy_env(self, c: Ctx) -> tuple[dict[str, str | None], object]:
-        scope = c.repo.worktree or c.repo.common_dir
-        needed = kamal.secret_names(c.app, c.job.destination)
-        env: dict[str, str | None] = {"VERSION": None}
-        missing = []
-        wanted = set(needed.values())
-        if c.cfg.get("secrets"):
-            wanted |= set(c.cfg["secrets"])
-        for var in sorted(wanted):
-            value = keyring_secrets.get_secret(var, scope)
-            if value is None:
-                if var in os.environ:
-                    continue
-                missing.append(var)
-            else:
-                env[var] = value
-                c.redactor.add(value)
-        if missing:
-            raise StageFailed(f"the deploy needs {', '.join(missing)} (referenced in "
-                              f".kamal/secrets) but the keyring has no such secret; add it with "
-                              f"`earthkamal-agent secrets set {missing[0]} --repo {scope}`.")
-        for n in c.names.registry_password_secrets:
-            if n not in needed:
-                raise StageFailed(f"deploy.yml's registry.password names {n}, but the secrets "
-                                  f"file Kamal reads has no `{n}=${n}` line; add it to "
-                                  ".kamal/secrets.")
-        proc = None
-        key = keyring_secrets.get_secret(SSH_KEY_SECRET, scope)
-        mode = self.user.get("ssh_agent") or "auto"
-        if key and mode in ("auto", "private"):
-            from . import sshagent
-
-            c.redactor.add(key)
-            proc, sock = sshagent.start(self.paths.run, c.job.id, key, c.log)
-            env["SSH_AUTH_SOCK"] = sock
-        return {**env}, proc
-
-
-def _proc_start(pid: int) -> str | None:
-    """A process's start time (Linux /proc), so a reused PID is never mistaken for ours."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive_group(pgid: object, start: object) -> bool:
-    """The process group we started is still there (same leader, same start time)."""
-    if not isinstance(pgid, int) or pgid <= 1 or start is None:
-        return False
-    return _proc_start(pgid) == start
 
 
 def last_deployed(store: Store, repo_id: int, destination: str | None,
