@@ -213,3 +213,38 @@ def test_config_hook_commands_and_old_git_sentence(tmp_path):
         assert res.returncode == 1 and "config hooks need git 2.54 or newer" in res.stderr.decode()
     else:
         assert res.returncode == 0
+
+
+def test_kamal_names_cached_per_config_bytes(tmp_path):
+    from earthkamal_agent import namecache
+
+    from tests.infra import need_bin
+
+    need_bin("kamal")
+    app = tmp_path / "app"
+    (app / "config").mkdir(parents=True)
+    deploy = ("service: ekcache\nimage: acme/ekcache\nservers: [127.0.0.1]\n"
+              "registry: {server: ghcr.io, username: acme, password: [KAMAL_REGISTRY_PASSWORD]}\n"
+              "builder: {arch: amd64}\n")
+    (app / "config/deploy.yml").write_text(deploy)
+    cache = tmp_path / "cache"
+    first = namecache.resolve(cache, app, "v1.0.0", None)
+    assert first.source == "kamal config" and first.absolute_image == "ghcr.io/acme/ekcache:v1.0.0"
+    second = namecache.resolve(cache, app, "v1.0.1", None)
+    assert second.source == "kamal config, cached"
+    assert second.absolute_image == "ghcr.io/acme/ekcache:v1.0.1" and second.version == "v1.0.1"
+    assert dataclasses_equal_but_version(first, second)
+    with pytest.raises(UserError, match="not a valid Docker image tag"):
+        namecache.resolve(cache, app, "release/1.0", None)
+    (app / "config/deploy.yml").write_text(deploy.replace("acme/ekcache",
+                                                          "acme/<%= 'ekcache' %>"))
+    third = namecache.resolve(cache, app, "v1.0.2", None)
+    assert third.source == "kamal config"  # ERB: always Kamal
+
+
+def dataclasses_equal_but_version(a, b) -> bool:
+    import dataclasses
+
+    skip = {"version", "absolute_image", "source"}
+    return all(getattr(a, f.name) == getattr(b, f.name)
+               for f in dataclasses.fields(a) if f.name not in skip)

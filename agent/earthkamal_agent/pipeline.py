@@ -18,7 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
-from . import approvals, kamal, publisher, snapshot
+from . import approvals, kamal, namecache, publisher, snapshot
 from . import repo as gitrepo
 from .builders import BuildSpec
 from .builders import select as select_builder
@@ -408,8 +408,9 @@ class Pipeline:
         from .imageref import validate_version
 
         version = validate_version(version, sanitize=c.cfg["sanitize_version"])
-        c.names = kamal.resolve(c.app, version, c.job.destination,
-                                kamal_binary=self.user.get("kamal_binary") or "kamal")
+        c.names = namecache.resolve(self.paths.home / "cache" / "kamal-names", c.app, version,
+                                    c.job.destination,
+                                    kamal_binary=self.user.get("kamal_binary") or "kamal")
         c.store.update(c.job.id, version=version, image=c.names.absolute_image)
         c.store.set_data(c.job.id, service=c.names.service, repository=c.names.repository,
                          names_source=c.names.source, local_registry=c.names.local_registry)
