@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import time
+from pathlib import Path
 
 import pytest
 
@@ -28,3 +31,25 @@ def need_bin(*names: str) -> None:
     """Require programs on PATH."""
     for n in names:
         need(n, shutil.which(n) is not None, f"`{n}` not on PATH; run ./tests/run to install it")
+
+
+def stop_stale_daemon(pidfile: Path, timeout: float = 30) -> None:
+    """A daemon (dockerd) left by a killed test run: its pid file would block a new one."""
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        pidfile.unlink(missing_ok=True)
+        return
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            ours = str(pidfile).encode() in f.read()
+    except OSError:
+        ours = False
+    if ours:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)
+    pidfile.unlink(missing_ok=True)

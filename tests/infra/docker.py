@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.infra import need
+from tests.infra import need, stop_stale_daemon
 
 RUN_DIR = Path("/run/earthkamal-test")
 SOCKET = RUN_DIR / "docker.sock"
@@ -117,6 +117,7 @@ def _start_dockerd() -> subprocess.Popen[bytes]:
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     DATA_ROOT.mkdir(parents=True, exist_ok=True)
     EXEC_ROOT.mkdir(parents=True, exist_ok=True)
+    stop_stale_daemon(PIDFILE)  # a dockerd of a killed run that no longer answers
     if SOCKET.exists():  # stale socket from a dead daemon
         SOCKET.unlink()
     log = LOGFILE.open("ab")

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -49,7 +48,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.infra import need
+from tests.infra import need, stop_stale_daemon
 from tests.infra.docker import BASE_IMAGE, DockerEngine, _answers
 
 NS_NAME = "ektest-srv"
@@ -98,28 +97,6 @@ def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 30) -> None:
             proc.wait(timeout=10)
 
 
-def _stop_stale_dockerd(pidfile: Path, timeout: float = 30) -> None:
-    """A namespace dockerd left by a killed test run (its pid file blocks a new one)."""
-    try:
-        pid = int(pidfile.read_text().strip())
-    except (OSError, ValueError):
-        pidfile.unlink(missing_ok=True)
-        return
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            ours = str(pidfile).encode() in f.read()
-    except OSError:
-        ours = False
-    if ours:
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if Path(f"/proc/{pid}").exists():
-            os.kill(pid, signal.SIGKILL)
-    pidfile.unlink(missing_ok=True)
-
-
 def _copy_images(src: DockerEngine, dst: DockerEngine, *refs: str) -> None:
     todo = [r for r in refs if not dst.image_exists(r)]
     if not todo:
@@ -166,7 +143,7 @@ def netns_host(
         NS_RUN.mkdir(parents=True, exist_ok=True)
         (NS_RUN / "exec").mkdir(exist_ok=True)
         NS_DATA.mkdir(parents=True, exist_ok=True)
-        _stop_stale_dockerd(NS_RUN / "docker.pid")
+        stop_stale_daemon(NS_RUN / "docker.pid")
         if NS_SOCKET.exists():
             NS_SOCKET.unlink()
         log = (root / "dockerd.log").open("ab")
