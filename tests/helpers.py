@@ -117,3 +117,13 @@ class AgentProcess:
 
     def stderr(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+def home_without_tools(tmp_path: Path) -> Path:
+    """A state dir whose user config makes any build fail fast and reach no Kamal or desktop:
+    for tests of detection and the store that must not start real builds."""
+    h = tmp_path / "home"
+    (h / "config").mkdir(parents=True)
+    (h / "config" / "config.yml").write_text(json.dumps(
+        {"docker_binary": "false", "kamal_binary": "/nonexistent/kamal", "approvals": "none"}))
+    return h

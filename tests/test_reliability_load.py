@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import AgentProcess, cli, commit, git, make_repo, wait_for
+from tests.helpers import AgentProcess, cli, commit, git, home_without_tools, make_repo, wait_for
 
 RSS_LIMIT_KB = 80 * 1024
 N = 200
@@ -42,11 +42,7 @@ class RssSampler(threading.Thread):
 
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
-    h = tmp_path / "home"
-    (h / "config").mkdir(parents=True)
-    (h / "config" / "config.yml").write_text(json.dumps(
-        {"docker_binary": "false", "kamal_binary": "/nonexistent/kamal", "approvals": "none"}))
-    return h
+    return home_without_tools(tmp_path)
 
 
 def _many_tags(repo: Path, prefix: str, n: int) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import stat
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import cli, git, jobs, make_repo
+from tests.helpers import cli, git, home_without_tools, jobs, make_repo
 from tests.infra import need
 
 APP = {".earthkamal.yml": "tags: ['v*']\n", "README": "x\n"}
@@ -22,11 +21,7 @@ def _mode(p: Path) -> int:
 
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
-    h = tmp_path / "home"
-    (h / "config").mkdir(parents=True)
-    (h / "config" / "config.yml").write_text(json.dumps(
-        {"docker_binary": "false", "kamal_binary": "/nonexistent/kamal", "approvals": "none"}))
-    return h
+    return home_without_tools(tmp_path)
 
 
 @pytest.fixture

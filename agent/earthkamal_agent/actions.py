@@ -171,4 +171,5 @@ def _with(job: Job, **items) -> str:
     d = job.extra
     d.update(items)
     d.pop("expires_at", None)
+    d.pop("changes", None)  # recomputed against what is deployed now
     return json.dumps(d)

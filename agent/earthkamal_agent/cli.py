@@ -58,7 +58,7 @@ def cmd_install(a: argparse.Namespace) -> int:
     baseline = []
     for name, t in repo.list_tags(loc.common_dir).items():
         baseline.append((name, t.commit_oid if isinstance(t, repo.TagTarget) else
-                         hookinstall_raw(loc.common_dir, name)))
+                         repo.raw_target(loc.common_dir, name) or ""))
     # Only the first install sets the baseline: tags made since were seen by the hook.
     rec = store.add_repo(loc.common_dir, loc.worktree, hookinstall.repo_name(loc), loc.bare,
                          inst.hook_path, inst.chained_path, loc.hook_name,
@@ -82,22 +82,12 @@ def gitcli_version() -> tuple[int, int]:
     return gitcli.version()
 
 
-def hookinstall_raw(common_dir: str, name: str) -> str:
-    from . import repo
-
-    r = repo.open_repo(common_dir).references.get(f"refs/tags/{name}")
-    return str(r.target) if r is not None else ""
-
-
 def _hint_agent(paths: Paths) -> None:
     from .lockfile import agent_running
 
     if agent_running(paths.lock) is None:
         print("The agent is not running: start it with `earthkamal-agent service install` "
               "(or `earthkamal-agent run` in a terminal).")
-    else:
-        # Tell the agent to reconcile now (the new repo's tags) by a spool-less wake-up.
-        pass
 
 
 def _config_hint(loc) -> None:
@@ -187,6 +177,8 @@ def status_data(paths: Paths, limit: int = 50) -> dict:
         started = float(info.get("started", now))
         agent.update(pid=int(info.get("pid", 0)) or None, started_at=started,
                      uptime_s=round(now - started, 1), version=info.get("version", __version__))
+    from .store import FINISHED
+
     repos, jobs = [], []
     if paths.db.exists():
         store = _store(paths)
@@ -197,8 +189,7 @@ def status_data(paths: Paths, limit: int = 50) -> dict:
                           "common_dir": r.common_dir, "bare": r.bare, "hook": r.hook_path,
                           "chained_hook": r.chained_path})
         for j in store.jobs(limit=limit):
-            active = j.state not in ("deployed", "failed", "canceled", "rejected", "expired",
-                                     "superseded", "ignored", "refused")
+            active = j.state not in FINISHED
             jobs.append({
                 "id": j.id, "repo": names.get(j.repo_id), "tag": j.tag, "commit": j.commit_oid,
                 "state": j.state, "step": j.step, "reason": j.reason,

@@ -170,6 +170,10 @@ class RepoConfig:
                 return dest or None
         return None
 
+    def builder_settings(self, builder: str) -> dict:
+        """The `earthly:` or `dockerfile:` section for the builder that will run (a copy)."""
+        return dict(self.values["earthly" if builder == "earthly" else "dockerfile"])
+
     def approval_for(self, destination: str | None) -> str:
         pol = self.values["approval"]
         if isinstance(pol, dict):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import __version__, detect, sdnotify
 from .errors import UserError
-from .lockfile import agent_running, read_lock  # noqa: F401 - re-exported
+from .lockfile import read_lock
 from .paths import Paths
 from .store import Store
 
@@ -126,10 +126,12 @@ class Agent:
             sdnotify.notify(f"STATUS=watching {self.paths.spool}")
             log.info("earthkamal-agent %s running (PID %d), state in %s", __version__,
                      os.getpid(), self.paths.home)
-            self._recover()
+            if self.pipeline is not None:
+                self.pipeline.recover()
             self._cycle(reconcile=True)
             if self.once:
-                self._finish_once()
+                if self.pipeline is not None:
+                    self.pipeline.wait_idle()
                 return 0
             self._loop()
             return 0
@@ -173,10 +175,6 @@ class Agent:
             return
         self.pipeline = Pipeline(self.paths, self.store, self.wake, self.stopping)
 
-    def _recover(self) -> None:
-        if self.pipeline is not None:
-            self.pipeline.recover()
-
     def _cycle(self, reconcile: bool = False) -> None:
         assert self.store is not None
         detect.drain(self.store, self.paths)
@@ -206,17 +204,10 @@ class Agent:
                 self._cycle(reconcile=reason == "reconcile")
                 if time.monotonic() - last_housekeeping > 3600:
                     last_housekeeping = time.monotonic()
-                    self._housekeeping()
+                    if self.pipeline is not None:
+                        self.pipeline.housekeeping()
             except Exception:  # noqa: BLE001 - the agent must keep running
                 log.exception("cycle failed; continuing")
-
-    def _finish_once(self) -> None:
-        if self.pipeline is not None:
-            self.pipeline.wait_idle()
-
-    def _housekeeping(self) -> None:
-        if self.pipeline is not None:
-            self.pipeline.housekeeping()
 
     def _shutdown(self) -> None:
         if self.observer is not None:

@@ -12,7 +12,7 @@ from typing import Protocol
 
 from . import kamal
 from . import repo as gitrepo
-from .jobrun import JobRun, StageFailed, keyring_secrets
+from .jobrun import JobRun, StageFailed
 from .publisher import registry_digest
 from .runner import Command, Result
 
@@ -80,8 +80,8 @@ def pins_hold(c: JobRun) -> bool:
         return False
     return True
 
+
 def deploy_env(c: JobRun) -> tuple[dict[str, str | None], object]:
-    scope = c.repo.worktree or c.repo.common_dir
     needed = kamal.secret_names(c.app, c.job.destination)
     env: dict[str, str | None] = {"VERSION": None}
     missing = []
@@ -89,30 +89,26 @@ def deploy_env(c: JobRun) -> tuple[dict[str, str | None], object]:
     if c.cfg.get("secrets"):
         wanted |= set(c.cfg["secrets"])
     for var in sorted(wanted):
-        value = keyring_secrets.get_secret(var, scope)
-        if value is None:
-            if var in os.environ:
-                continue
-            missing.append(var)
-        else:
+        value = c.secret(var)
+        if value is not None:
             env[var] = value
-            c.redactor.add(value)
+        elif var not in os.environ:
+            missing.append(var)
     if missing:
         raise StageFailed(f"the deploy needs {', '.join(missing)} (referenced in "
                           f".kamal/secrets) but the keyring has no such secret; add it with "
-                          f"`earthkamal-agent secrets set {missing[0]} --repo {scope}`.")
+                          f"`earthkamal-agent secrets set {missing[0]} --repo {c.scope}`.")
     for n in c.names.registry_password_secrets:
         if n not in needed:
             raise StageFailed(f"deploy.yml's registry.password names {n}, but the secrets "
                               f"file Kamal reads has no `{n}=${n}` line; add it to "
                               ".kamal/secrets.")
     proc = None
-    key = keyring_secrets.get_secret(SSH_KEY_SECRET, scope)
+    key = c.secret(SSH_KEY_SECRET)
     mode = c.user.get("ssh_agent") or "auto"
     if key and mode in ("auto", "private"):
         from . import sshagent
 
-        c.redactor.add(key)
         proc, sock = sshagent.start(c.paths.run, c.job.id, key, c.log)
         env["SSH_AUTH_SOCK"] = sock
-    return {**env}, proc
+    return env, proc

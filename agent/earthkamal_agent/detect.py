@@ -9,6 +9,7 @@ and ``gc`` noise harmless.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -18,12 +19,11 @@ from . import repo as gitrepo
 from . import spool
 from .config import REPO_FILE, ConfigError, parse_repo_config
 from .paths import Paths
-from .store import Repo, Store
+from .store import ACTIVE, Repo, Store
 
 log = logging.getLogger("earthkamal.detect")
 
-CANCELABLE = ("detected", "snapshotting", "building", "publishing", "awaiting_approval",
-              "approved")
+CANCELABLE = tuple(s for s in ACTIVE if s != "deploying")  # Kamal is never stopped halfway
 
 OnJob = Callable[[int], None]
 
@@ -33,7 +33,7 @@ def handle_tag(store: Store, repo: Repo, tag: str, origin: str) -> int | None:
     try:
         target = gitrepo.resolve_tag(repo.common_dir, tag)
     except gitrepo.NotACommit as e:
-        oid = _raw_target(repo.common_dir, tag)
+        oid = gitrepo.raw_target(repo.common_dir, tag)
         if oid is None or store.in_baseline(repo.id, tag, oid) or store.find_job(repo.id, tag, oid):
             return None
         job, created = store.create_job(repo.id, tag, oid, oid, origin, state="refused",
@@ -66,17 +66,13 @@ def handle_tag(store: Store, repo: Repo, tag: str, origin: str) -> int | None:
             repo.id, tag, target.tag_oid, target.commit_oid, origin, state="ignored",
             reason=f"tag does not match tags: {cfg['tags']} in {REPO_FILE}")
         return job.id if created else None
+    extra = {"data": json.dumps({"signed_required": True})} if cfg["require_signed_tags"] else {}
     job, created = store.create_job(repo.id, tag, target.tag_oid, target.commit_oid, origin,
-                                    destination=cfg.destination_for(tag))
+                                    destination=cfg.destination_for(tag), **extra)
     if created:
         log.info("job %s: %s %s at %s (%s)", job.id, repo.name, tag, target.commit_oid[:12],
                  origin)
     return job.id if created else None
-
-
-def _raw_target(common_dir: str, tag: str) -> str | None:
-    r = gitrepo.open_repo(common_dir).references.get(f"refs/tags/{tag}")
-    return str(r.target) if r is not None else None
 
 
 def handle_event(store: Store, ev: spool.SpoolEvent) -> list[int]:
@@ -98,7 +94,7 @@ def drain(store: Store, paths: Paths) -> list[int]:
     new: list[int] = []
     for path in spool.pending(paths.spool):
         try:
-            if path.name.startswith("wake-"):
+            if spool.is_wake(path):
                 spool.done(path)
                 continue
             ev = spool.read(path)

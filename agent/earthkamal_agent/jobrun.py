@@ -77,13 +77,24 @@ class JobRun:
         self.store.update(self.job.id, step=step)
         self.log(f"-- {step}")
 
-    def run(self, command: Command, what: str = "") -> Result:
-        """Run through the one runner; the child's process group is recorded for recovery."""
-        res = run(command, log=self.log, redactor=self.redactor, cancel=self.cancel,
-                  capture=True, on_start=self._started)
-        if res.canceled or self.cancel.is_set():
+    def run(self, command: Command, what: str = "", cancellable: bool = True) -> Result:
+        """Run through the one runner; the child's process group is recorded for recovery.
+
+        ``cancellable=False`` (Kamal deploys): stopping the agent must not kill it halfway.
+        """
+        res = run(command, log=self.log, redactor=self.redactor,
+                  cancel=self.cancel if cancellable else None, capture=True,
+                  on_start=self._started)
+        if cancellable and (res.canceled or self.cancel.is_set()):
             raise Canceled()
         return res
+
+    def secret(self, name: str) -> str | None:
+        """A keyring secret of this repo (or global); its value is masked in this job's log."""
+        value = keyring_secrets.get_secret(name, self.scope)
+        if value:
+            self.redactor.add(value)
+        return value
 
     def run_ok(self, command: Command, what: str) -> Result:
         res = self.run(command, what)
@@ -119,7 +130,6 @@ def pick_scratch(run_dir: Path, job_id: int) -> Path:
     d = run_dir / f"job-{job_id}"
     d.mkdir(mode=0o700, parents=True, exist_ok=True)
     return d
-
 
 
 def proc_start(pid: int) -> str | None:

@@ -18,7 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
-from . import approvals, kamal, namecache, publisher, snapshot
+from . import approvals, history, kamal, namecache, publisher, snapshot
 from . import repo as gitrepo
 from .builders import BuildSpec
 from .builders import select as select_builder
@@ -31,15 +31,14 @@ from .jobrun import (
     JobRun,
     StageFailed,
     alive_group,
-    keyring_secrets,
     pick_scratch,
     platform_of,
     scratch_prefix,
 )
 from .paths import Paths
 from .redact import Redactor
-from .runner import Command, Result, run
-from .store import Job, Store, TransitionError
+from .runner import Command, Result
+from .store import ACTIVE, Job, Store, TransitionError
 
 log = logging.getLogger("earthkamal.pipeline")
 
@@ -52,11 +51,11 @@ class Pipeline:
         self.stopping = stopping
         self.user = load_user_config(paths.user_config)
         self.build_slots = threading.BoundedSemaphore(int(self.user.get("builds_per_host") or 1))
-        self.running: dict[int, tuple[threading.Thread, threading.Event]] = {}
+        # job id -> (worker thread, its cancel event, "prepare" | "deploy")
+        self.running: dict[int, tuple[threading.Thread, threading.Event, str]] = {}
         self.deploy_keys: set[tuple[int, str]] = set()
         self.asked: set[int] = set()
         self._approver = None
-        self._lock = threading.Lock()
         self.deployer = KamalDeployer()
 
     # -- scheduling (main thread) ----------------------------------------------------------
@@ -111,18 +110,19 @@ class Pipeline:
 
     def schedule(self) -> None:
         self._reap()
-        for jid, (_t, cancel) in list(self.running.items()):
+        for jid, (_t, cancel, _k) in list(self.running.items()):
             job = self.store.job(jid)
             if job is None or job.state in ("canceled", "superseded"):
                 cancel.set()
-        detected = list(reversed(self.store.jobs(states=("detected",))))
-        self._supersede_queued(detected)
+        queued = list(reversed(self.store.jobs(states=("detected",))))
+        skipped = self._supersede_queued(queued)
+        detected = [j for j in queued if j.id not in skipped]
         limit = int(self.user.get("builds_per_host") or 1) + 1
         for job in detected:
-            preparing = sum(1 for t, _c, kind in self._kinds() if kind == "prepare")
+            preparing = sum(1 for _t, _c, kind in self.running.values() if kind == "prepare")
             if preparing >= limit or self.stopping.is_set():
                 break
-            if job.id not in self.running and self.store.job(job.id).state == "detected":
+            if job.id not in self.running:
                 self._start(job.id, self._prepare)
         for job in reversed(self.store.jobs(states=("approved",))):
             key = (job.repo_id, job.destination or "")
@@ -149,15 +149,12 @@ class Pipeline:
                 self.asked.discard(jid)
                 self._withdraw(jid)
 
-    def _kinds(self):
-        for t, c in self.running.values():
-            yield t, c, "prepare" if t.name.startswith("prepare-") else "deploy"
-
-    def _supersede_queued(self, detected: list[Job]) -> None:
-        """A queued build is skipped when a newer tag for the same destination exists."""
+    def _supersede_queued(self, detected: list[Job]) -> set[int]:
+        """A queued build is skipped when a newer tag for the same destination exists;
+        return the ids skipped."""
+        skipped: set[int] = set()
         newest: dict[tuple[int, str], Job] = {}
-        for j in self.store.jobs(states=("detected", "snapshotting", "building", "publishing",
-                                         "awaiting_approval", "approved", "deploying")):
+        for j in self.store.jobs(states=ACTIVE):
             if j.state == "detected" and self._needs_signature(j):
                 continue  # an unverified tag must not displace anything (it may be refused)
             key = (j.repo_id, j.destination or "")
@@ -175,23 +172,19 @@ class Pipeline:
                              top.tag)
                 except TransitionError:
                     pass
+                skipped.add(job.id)
+        return skipped
 
     def _needs_signature(self, job: Job) -> bool:
-        if self.user.get("require_signed_tags"):
-            return True
-        repo = self.store.repo(job.repo_id)
-        try:
-            text = gitrepo.read_file(repo.common_dir, job.commit_oid, REPO_FILE) if repo else None
-            return bool(parse_repo_config(text, REPO_FILE)["require_signed_tags"])
-        except Exception:  # noqa: BLE001 - a bad config fails the job later, with its sentence
-            return False
+        """Decided at detection from the commit's config (or the user config)."""
+        return bool(self.user.get("require_signed_tags") or job.extra.get("signed_required"))
 
     def _start(self, job_id: int, fn, *args) -> None:  # noqa: ANN001
         cancel = threading.Event()
         kind = "prepare" if fn == self._prepare else "deploy"
         t = threading.Thread(target=self._guard, args=(fn, job_id, cancel, *args),
                              name=f"{kind}-{job_id}", daemon=True)
-        self.running[job_id] = (t, cancel)
+        self.running[job_id] = (t, cancel, kind)
         t.start()
 
     def _guard(self, fn, job_id: int, cancel: threading.Event, *args) -> None:  # noqa: ANN001
@@ -203,7 +196,7 @@ class Pipeline:
             self.wake.put("job-done")
 
     def _reap(self) -> None:
-        for jid, (t, _c) in list(self.running.items()):
+        for jid, (t, _c, _k) in list(self.running.items()):
             if not t.is_alive():
                 del self.running[jid]
 
@@ -228,9 +221,9 @@ class Pipeline:
                 pass
 
     def shutdown(self) -> None:
-        for _t, cancel in self.running.values():
+        for _t, cancel, _k in self.running.values():
             cancel.set()
-        for t, _c in list(self.running.values()):
+        for t, _c, _k in list(self.running.values()):
             t.join(timeout=15)
         if self._approver is not None:
             try:
@@ -242,8 +235,7 @@ class Pipeline:
         removed = self.store.prune(int(self.user.get("keep_jobs") or 200),
                                    float(self.user.get("keep_days") or 30) * 86400)
         for jid in removed:
-            for p in (self.paths.logs / f"job-{jid}.log",):
-                p.unlink(missing_ok=True)
+            (self.paths.logs / f"job-{jid}.log").unlink(missing_ok=True)
             snapshot.remove(snapshot.build_dir(self.paths.builds, jid))
         if removed:
             log.info("housekeeping: removed %d old jobs", len(removed))
@@ -288,14 +280,9 @@ class Pipeline:
     def approval_request(store: Store, job: Job) -> approvals.ApprovalRequest:
         repo = store.repo(job.repo_id)
         assert repo is not None
-        prev = last_deployed(store, job.repo_id, job.destination, before=job.id)
-        changes: list[str] = []
-        count = None
+        ch = job.extra.get("changes") or history.changes(
+            store, job.repo_id, repo.common_dir, job.commit_oid, job.destination, before=job.id)
         try:
-            subs = gitrepo.commits_between(repo.common_dir, prev.commit_oid if prev else None,
-                                           job.commit_oid)
-            if prev:
-                changes, count = subs[:5], len(subs)
             subject = gitrepo.commit_subject(repo.common_dir, job.commit_oid)
         except Exception:  # noqa: BLE001
             subject = ""
@@ -303,8 +290,8 @@ class Pipeline:
             job_id=job.id, service=job.extra.get("service") or repo.name,
             version=job.version or job.tag, destination=job.destination, repo=repo.name,
             commit=job.commit_oid, subject=subject, digest=job.digest or "",
-            changes=tuple(changes), change_count=count,
-            previous_version=prev.version if prev else None)
+            changes=tuple(ch["subjects"]), change_count=ch["count"],
+            previous_version=ch["since"])
 
     def _notify(self, summary: str, body: str) -> None:
         try:
@@ -323,15 +310,6 @@ class Pipeline:
         return JobRun(store, job, repo, JobLog(self.paths.logs, job_id, red), red, self.user,
                       self.paths, cancel, pick_scratch(self.paths.run, job_id))
 
-    def _move(self, c: JobRun, state: str, step: str | None = None, **fields) -> None:
-        c.move(state, step, **fields)
-
-    def _step(self, c: JobRun, step: str) -> None:
-        c.step(step)
-
-    def _run(self, c: JobRun, command: Command, what: str) -> Result:
-        return c.run(command, what)
-
     def _fail(self, c: JobRun, reason: str) -> None:
         c.log(f"FAILED: {reason}")
         try:
@@ -345,7 +323,7 @@ class Pipeline:
                     c.job.step, reason)
         self._notify(f"{c.repo.name} {c.job.tag}: {c.job.step or 'job'} failed", reason)
 
-    def _finish(self, c: JobRun, ok: bool) -> None:
+    def _finish(self, c: JobRun) -> None:
         shutil.rmtree(c.scratch, ignore_errors=True)
         c.log.close()
         state = c.store.job(c.job.id).state
@@ -360,7 +338,6 @@ class Pipeline:
     # -- prepare: snapshot, gate, build, publish --------------------------------------------
     def _prepare(self, job_id: int, cancel: threading.Event) -> None:
         c = self._ctx(job_id, cancel)
-        ok = False
         try:
             c.log(f"job {job_id}: {c.repo.name} {c.job.tag} at {c.job.commit_oid}")
             self._stage_config(c)
@@ -370,7 +347,6 @@ class Pipeline:
             self._stage_build(c)
             self._stage_publish(c)
             self._stage_queue_for_approval(c)
-            ok = True
         except Canceled:
             c.log("stopped: the job was canceled or superseded")
         except UserError as e:
@@ -380,7 +356,7 @@ class Pipeline:
             self._fail(c, f"internal error in {c.job.step}: {type(e).__name__}: {e} "
                           "(details in `earthkamal-agent logs`)")
         finally:
-            self._finish(c, ok)
+            self._finish(c)
 
     def _stage_config(self, c: JobRun) -> None:
         text = gitrepo.read_file(c.repo.common_dir, c.job.commit_oid, REPO_FILE)
@@ -398,12 +374,12 @@ class Pipeline:
                 c.log(f"refused: {c.job.reason}")
 
     def _stage_snapshot(self, c: JobRun) -> None:
-        self._move(c, "snapshotting", step="snapshot")
+        c.move("snapshotting", step="snapshot")
         dest = snapshot.build_dir(self.paths.builds, c.job.id)
         t0 = time.monotonic()
         c.app = snapshot.export(c.repo.common_dir, c.job.commit_oid, dest)
         c.log(f"snapshot of {c.job.commit_oid[:12]} in {dest} ({time.monotonic() - t0:.2f}s)")
-        self._step(c, "resolve")
+        c.step("resolve")
         version = c.job.commit_oid if c.cfg["version"] == "sha" else c.job.tag
         from .imageref import validate_version
 
@@ -418,16 +394,8 @@ class Pipeline:
               f"{c.names.source})")
 
     def _build_secrets(self, c: JobRun, names: list[str]) -> dict[str, str]:
-        out = {}
-        scope = c.repo.worktree or c.repo.common_dir
-        missing = []
-        for n in names:
-            v = keyring_secrets.get_secret(n, scope)
-            if v is None:
-                missing.append(n)
-            else:
-                out[n] = v
-                c.redactor.add(v)
+        out = {n: v for n in names if (v := c.secret(n)) is not None}
+        missing = [n for n in names if n not in out]
         if missing:
             raise StageFailed(f"build secret(s) {', '.join(missing)} are not in the keyring; "
                               f"add them with `earthkamal-agent secrets set {missing[0]}`.")
@@ -436,13 +404,13 @@ class Pipeline:
     def _stage_build(self, c: JobRun) -> None:
         assert c.app and c.names and c.cfg
         builder = select_builder(c.cfg["builder"], c.app)
-        section = dict(c.cfg["earthly"] if builder.name == "earthly" else c.cfg["dockerfile"])
+        section = c.cfg.builder_settings(builder.name)
         spec_secrets = self._build_secrets(c, list(section.get("secrets") or []))
         spec = BuildSpec(app_dir=c.app, image_ref=c.names.absolute_image,
                          platform=platform_of(c.names), settings=section, user=self.user,
                          secrets=spec_secrets, push=c.cfg["publish"] == "earthly",
                          tmp_dir=c.scratch)
-        self._step(c, "check build files")
+        c.step("check build files")
         builder.check(spec)
         c.store.set_data(c.job.id, builder=builder.name, platform=spec.platform)
         secret_files = []
@@ -453,7 +421,7 @@ class Pipeline:
                 with os.fdopen(fd, "w") as f:
                     f.write(value)
                 secret_files.append(p)
-        self._move(c, "building", step="gate" if (c.cfg["gate"] or c.cfg["gate_command"])
+        c.move("building", step="gate" if (c.cfg["gate"] or c.cfg["gate_command"])
                    else "build")
         try:
             c.log("waiting for a BuildKit slot")
@@ -461,18 +429,18 @@ class Pipeline:
                 if c.cancel.is_set():
                     raise Canceled()
                 if c.cfg["gate_command"]:
-                    self._step(c, "gate")
-                    res = self._run(c, Command(tuple(c.cfg["gate_command"]), cwd=str(c.app),
+                    c.step("gate")
+                    res = c.run(Command(tuple(c.cfg["gate_command"]), cwd=str(c.app),
                                                timeout=3600), "gate")
                     if not res.ok:
                         raise StageFailed(f"gate `{' '.join(c.cfg['gate_command'])}` failed "
                                           f"(exit {res.returncode}): {res.last_line()}")
                 for gate, command in builder.gate_commands(spec, list(c.cfg["gate"])):
-                    self._step(c, f"gate {gate}")
+                    c.step(f"gate {gate}")
                     res = self._run_build(c, builder, spec, command)
                     if not res.ok:
                         raise StageFailed("gate " + builder.explain(spec, res, gate))
-                self._step(c, "build")
+                c.step("build")
                 command = builder.build_command(spec)
                 if spec.push:  # Earthly pushes itself: it gets the temporary registry login
                     config_dir = publisher.login(c, c.names)
@@ -488,10 +456,10 @@ class Pipeline:
                 p.unlink(missing_ok=True)
 
     def _run_build(self, c: JobRun, builder, spec: BuildSpec, command: Command) -> Result:  # noqa: ANN001
-        res = self._run(c, command, "build")
+        res = c.run(command, "build")
         if not res.ok and builder.should_retry(res):
             c.log("transient BuildKit error (inconsistent graph state); retrying once")
-            res = self._run(c, command, "build")
+            res = c.run(command, "build")
         return res
 
     def _stage_publish(self, c: JobRun) -> None:
@@ -507,21 +475,20 @@ class Pipeline:
                  and j.state in ("awaiting_approval", "approved", "deploying", "deployed")
                  and j.tag != c.job.tag]
         if newer:
-            self._move(c, "superseded", reason=f"{newer[0].tag} is newer for this destination",
+            c.move("superseded", reason=f"{newer[0].tag} is newer for this destination",
                        superseded_by=newer[0].id)
             return
         if c.cfg.approval_for(c.job.destination) == "auto":
-            self._move(c, "approved", step="approved", decided_by="policy:auto",
+            c.move("approved", step="approved", decided_by="policy:auto",
                        approved_commit=c.job.commit_oid, approved_digest=c.store.job(
                            c.job.id).digest)
         else:
             c.store.set_data(c.job.id, expires_at=time.time() + c.cfg.approval_timeout)
-            self._move(c, "awaiting_approval", step="approve")
+            c.move("awaiting_approval", step="approve")
         try:
-            req = self.approval_request(c.store, c.store.job(c.job.id))
-            c.store.set_data(c.job.id, changes={"since": req.previous_version,
-                                                "count": req.change_count,
-                                                "subjects": list(req.changes)})
+            c.store.set_data(c.job.id, changes=history.changes(
+                c.store, c.job.repo_id, c.repo.common_dir, c.job.commit_oid, c.job.destination,
+                before=c.job.id))
         except Exception:  # noqa: BLE001 - informational only
             pass
         for old in c.store.jobs(states=("awaiting_approval",), repo_id=c.job.repo_id):
@@ -539,7 +506,7 @@ class Pipeline:
         try:
             c.cfg = parse_repo_config(gitrepo.read_file(c.repo.common_dir, c.job.commit_oid,
                                                         REPO_FILE), f"{REPO_FILE} at {c.job.tag}")
-            self._step(c, "verify approval")
+            c.step("verify approval")
             dest = snapshot.build_dir(self.paths.builds, c.job.id)
             c.app = dest if dest.exists() else snapshot.export(c.repo.common_dir,
                                                                c.job.commit_oid, dest)
@@ -550,10 +517,8 @@ class Pipeline:
                 return
             env, agent_proc = prepared
             rollback = bool(c.job.extra.get("rollback"))
-            self._move(c, "deploying", step="kamal rollback" if rollback else "kamal deploy")
-            # No cancel: stopping the agent must not kill Kamal halfway (it stays recorded).
-            res = run(self.deployer.command(c, env), log=c.log, redactor=c.redactor,
-                      capture=True, on_start=c._started)
+            c.move("deploying", step="kamal rollback" if rollback else "kamal deploy")
+            res = c.run(self.deployer.command(c, env), "deploy", cancellable=False)
             problem = self.deployer.outcome(c, res)
             if problem is None:
                 c.store.transition(c.job.id, "deployed", reason=None)
@@ -575,12 +540,5 @@ class Pipeline:
 
                 sshagent.stop(agent_proc)
             self.deploy_keys.discard(key)
-            self._finish(c, True)
+            self._finish(c)
 
-
-def last_deployed(store: Store, repo_id: int, destination: str | None,
-                  before: int | None = None) -> Job | None:
-    for j in store.jobs(states=("deployed",), repo_id=repo_id):
-        if (j.destination or "") == (destination or "") and (before is None or j.id != before):
-            return j
-    return None

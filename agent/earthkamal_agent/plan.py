@@ -31,19 +31,21 @@ def _head(common_dir: str) -> str:
 
 def _changes(paths: Paths, common: str, commit: str, dest: str | None) -> dict:
     """What the approval would show: commits since the version last deployed there."""
-    from .pipeline import last_deployed
+    from .history import changes
     from .store import Store
 
-    prev = None
-    if paths.db.exists():
-        store = Store(paths.db)
+    if not paths.db.exists():
+        return changes_none()
+    store = Store(paths.db)
+    try:
         rec = store.repo_by_dir(common)
-        prev = last_deployed(store, rec.id, dest) if rec else None
+        return changes(store, rec.id, common, commit, dest) if rec else changes_none()
+    finally:
         store.close()
-    subjects = gitrepo.commits_between(common, prev.commit_oid if prev else None, commit)
-    if prev is None:
-        return {"since": None, "count": None, "subjects": []}
-    return {"since": prev.version, "count": len(subjects), "subjects": subjects[:5]}
+
+
+def changes_none() -> dict:
+    return {"since": None, "count": None, "subjects": []}
 
 
 def make_plan(paths: Paths, tag: str | None, repo_path: str) -> dict:
@@ -76,7 +78,7 @@ def make_plan(paths: Paths, tag: str | None, repo_path: str) -> dict:
         names = kamal.resolve(app, version, dest, kamal_binary=user.get("kamal_binary") or
                               "kamal")
         builder = select_builder(cfg["builder"], app)
-        section = dict(cfg["earthly"] if builder.name == "earthly" else cfg["dockerfile"])
+        section = cfg.builder_settings(builder.name)
         masked = {n: "********" for n in section.get("secrets") or []}
         arch = names.arch[0] if len(names.arch) == 1 else ",".join(names.arch)
         spec = BuildSpec(app_dir=app, image_ref=names.absolute_image, platform=f"linux/{arch}",
@@ -103,7 +105,7 @@ def make_plan(paths: Paths, tag: str | None, repo_path: str) -> dict:
             "push": {"by": cfg["publish"], "registry": names.registry_server or "docker.io",
                      "local_registry": names.local_registry,
                      "refs": [names.absolute_image] + (
-                         [f"{names.repository}:{names.latest_tag}"] if cfg["latest"] else [])},
+                         [names.latest_image] if cfg["latest"] else [])},
             "approval": {"policy": cfg.approval_for(dest),
                          "timeout_s": cfg.approval_timeout},
             "deploy": {"argv": list(deploy.argv),

@@ -89,6 +89,12 @@ def list_tags(common_dir: str) -> dict[str, TagTarget | NotACommit]:
     return out
 
 
+def raw_target(common_dir: str, name: str) -> str | None:
+    """What ``refs/tags/<name>`` points at, unpeeled (a tree or blob for odd tags)."""
+    ref = open_repo(common_dir).references.get(f"refs/tags/{name}")
+    return str(ref.target) if ref is not None else None
+
+
 def read_file(common_dir: str, commit_oid: str, path: str) -> bytes | None:
     """A file's bytes at a commit, or None when it does not exist there."""
     repo = open_repo(common_dir)

@@ -71,7 +71,7 @@ def _config_checks(name: str, common_dir: str) -> list[Check]:
                              f"service {names.service}, image {names.repository}, "
                              f"arch {','.join(names.arch)}"))
             builder = select_builder(cfg["builder"], app)
-            section = dict(cfg["earthly"] if builder.name == "earthly" else cfg["dockerfile"])
+            section = cfg.builder_settings(builder.name)
             builder.check(BuildSpec(app, names.absolute_image, f"linux/{names.arch[0]}",
                                     section, {}))
             out.append(Check(f"{name}: {builder.name}", True, "build file and target present"))

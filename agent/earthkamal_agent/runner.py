@@ -13,7 +13,7 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from .errors import UserError
@@ -220,6 +220,3 @@ def run_quiet(command: Command,
     except FileNotFoundError:
         raise CommandNotFound(not_found_sentence(command.argv[0])) from None
 
-
-def argv_of(parts: Sequence[str]) -> tuple[str, ...]:
-    return tuple(parts)

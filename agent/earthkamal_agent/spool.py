@@ -186,6 +186,12 @@ def done(path: Path) -> None:
 
 
 WAKE = "earthkamal-wake 1"
+WAKE_PREFIX = "wake-"
+
+
+def is_wake(path: Path) -> bool:
+    """A nudge from the CLI (see :func:`wake`): nothing to read, just delete it."""
+    return path.name.startswith(WAKE_PREFIX)
 
 
 def wake(spool_dir: Path) -> None:
@@ -193,7 +199,7 @@ def wake(spool_dir: Path) -> None:
     import tempfile
 
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".wake-", dir=spool_dir)
+        fd, tmp = tempfile.mkstemp(prefix="." + WAKE_PREFIX, dir=spool_dir)
         with os.fdopen(fd, "w") as f:
             f.write(WAKE + "\n")
         os.rename(tmp, os.path.join(spool_dir, os.path.basename(tmp)[1:] + ".ev"))

@@ -23,6 +23,8 @@ ACTIVE = ("detected", "snapshotting", "building", "publishing", "awaiting_approv
 TERMINAL = ("deployed", "failed", "canceled", "rejected", "expired", "superseded", "ignored",
             "refused", "interrupted")
 # `interrupted` is terminal for the machine but waits for a person (retry/cancel).
+#: Done for good: history that retention may prune (`interrupted` still waits for a person).
+FINISHED = tuple(s for s in TERMINAL if s != "interrupted")
 STATES = ACTIVE + TERMINAL
 
 _ALLOWED: dict[str, set[str]] = {
@@ -396,12 +398,11 @@ class Store:
     def prune(self, keep: int, max_age_s: float) -> list[int]:
         """Delete finished jobs beyond the newest ``keep`` or older than ``max_age_s``."""
         cutoff = time.time() - max_age_s
-        terminal = [s for s in TERMINAL if s != "interrupted"]
-        marks = ",".join("?" * len(terminal))
+        marks = ",".join("?" * len(FINISHED))
         rows = self.db.execute(
             f"SELECT id FROM jobs WHERE state IN ({marks}) AND (updated_at < ? OR id NOT IN"
             f" (SELECT id FROM jobs ORDER BY id DESC LIMIT ?))",
-            (*terminal, cutoff, keep),
+            (*FINISHED, cutoff, keep),
         ).fetchall()
         ids = [r[0] for r in rows]
         if ids:

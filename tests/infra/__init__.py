@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -53,3 +54,15 @@ def stop_stale_daemon(pidfile: Path, timeout: float = 30) -> None:
         if Path(f"/proc/{pid}").exists():
             os.kill(pid, signal.SIGKILL)
     pidfile.unlink(missing_ok=True)
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 10) -> None:
+    """TERM a component the tests started, KILL it when it does not stop in ``timeout``."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.infra import need, need_bin
+from tests.infra import need, need_bin, stop_process
 
 BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -90,15 +90,7 @@ DUNSTRC = """[global]
 """
 
 
-def _stop(proc: subprocess.Popen | None, timeout: float = 5) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=timeout)
+
 
 
 def wait_for(check: Callable[[], object], timeout: float, what: str) -> object:
@@ -134,7 +126,7 @@ def start_bus(directory: Path) -> tuple[subprocess.Popen, str]:
     assert proc.stdout is not None
     address = proc.stdout.readline().decode().strip()
     if not address:
-        _stop(proc)
+        stop_process(proc)
         raise RuntimeError(f"dbus-daemon did not start: {(directory / 'bus.log').read_text()}")
     return proc, address
 
@@ -241,7 +233,7 @@ class Desktop:
 
     def stop(self) -> None:
         for name in ("dunst", "xvfb", "bus"):
-            _stop(self._procs.pop(name, None))
+            stop_process(self._procs.pop(name, None))
 
 
 def _start_xvfb(root: Path) -> tuple[subprocess.Popen, str]:
@@ -255,7 +247,7 @@ def _start_xvfb(root: Path) -> tuple[subprocess.Popen, str]:
     with os.fdopen(r) as f:
         number = f.readline().strip()
     if not number:
-        _stop(proc)
+        stop_process(proc)
         raise RuntimeError(f"Xvfb did not start: {(root / 'xvfb.log').read_text()}")
     return proc, f":{number}"
 
@@ -280,7 +272,7 @@ def start_desktop(root: Path) -> Desktop:
         return desk
     except BaseException:
         for p in procs.values():
-            _stop(p)
+            stop_process(p)
         raise
 
 

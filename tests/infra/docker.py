@@ -22,7 +22,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import signal
 import subprocess
 import tarfile
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.infra import need, stop_stale_daemon
+from tests.infra import need, stop_process, stop_stale_daemon
 
 RUN_DIR = Path("/run/earthkamal-test")
 SOCKET = RUN_DIR / "docker.sock"
@@ -159,23 +158,13 @@ def docker_engine() -> Iterator[DockerEngine]:
     while not _answers(DOCKER_CLIENT, HOST):
         if proc.poll() is not None or time.monotonic() > deadline:
             tail = LOGFILE.read_text(errors="replace")[-2000:] if LOGFILE.exists() else ""
-            _stop(proc)
+            stop_process(proc, timeout=30)  # setsid execs dockerd in place: same pid
             need("dockerd", False, f"dockerd did not come up; log tail:\n{tail}")
         time.sleep(0.2)
     try:
         yield DockerEngine(env=env, started_by_us=True)
     finally:
-        _stop(proc)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)  # setsid execs dockerd in place: same pid
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc, timeout=30)  # setsid execs dockerd in place: same pid
 
 
 def busybox_rootfs_tar(busybox: str = BUSYBOX) -> bytes:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.infra import need, need_bin
-from tests.infra.desktop import _stop, clean_env, start_bus, wait_for
+from tests.infra import need, need_bin, stop_process
+from tests.infra.desktop import clean_env, start_bus, wait_for
 
 PASSWORD = "earthkamal-test-keyring"
 SECRETS = "org.freedesktop.secrets"
@@ -108,7 +108,7 @@ class OsKeyring:
 
     def stop(self) -> None:
         for name in ("keyring", "bus"):
-            _stop(self._procs.pop(name, None))
+            stop_process(self._procs.pop(name, None))
 
 
 def start_keyring(root: Path, bus_address: str | None = None) -> OsKeyring:
@@ -157,6 +157,21 @@ def start_keyring(root: Path, bus_address: str | None = None) -> OsKeyring:
         raise
 
 
+def _keyring_session(prefix: str, bus_address: str | None = None) -> Iterator[OsKeyring]:
+    """Start an unlocked gnome-keyring under a fresh tmp dir; stop and remove it after."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        kr = start_keyring(root, bus_address=bus_address)
+    except (RuntimeError, AssertionError, OSError) as e:
+        need("gnome-keyring (Secret Service)", False, str(e))
+        raise
+    try:
+        yield kr
+    finally:
+        kr.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def os_keyring() -> Iterator[OsKeyring]:
     """gnome-keyring on a private bus with a throwaway HOME, unlocked."""
@@ -165,17 +180,7 @@ def os_keyring() -> Iterator[OsKeyring]:
         import secretstorage  # noqa: F401
     except ImportError:
         need("secretstorage", False, "the Python package is not installed")
-    root = Path(tempfile.mkdtemp(prefix="ek-keyring-"))
-    try:
-        kr = start_keyring(root)
-    except (RuntimeError, AssertionError, OSError) as e:
-        need("gnome-keyring (Secret Service)", False, str(e))
-        raise
-    try:
-        yield kr
-    finally:
-        kr.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    yield from _keyring_session("ek-keyring-")
 
 
 @pytest.fixture(scope="session")
@@ -183,14 +188,4 @@ def desktop_keyring(desktop) -> Iterator[OsKeyring]:  # noqa: ANN001
     """gnome-keyring on the `desktop` fixture's bus: one session, like a real desktop, so one
     agent process reaches both the notification server and the Secret Service."""
     need_bin("gnome-keyring-daemon")
-    root = Path(tempfile.mkdtemp(prefix="ek-dkeyring-"))
-    try:
-        kr = start_keyring(root, bus_address=desktop.bus_address)
-    except (RuntimeError, AssertionError, OSError) as e:
-        need("gnome-keyring (Secret Service)", False, str(e))
-        raise
-    try:
-        yield kr
-    finally:
-        kr.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    yield from _keyring_session("ek-dkeyring-", bus_address=desktop.bus_address)

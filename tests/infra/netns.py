@@ -48,7 +48,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.infra import need, stop_stale_daemon
+from tests.infra import need, stop_process, stop_stale_daemon
 from tests.infra.docker import BASE_IMAGE, DockerEngine, _answers
 
 NS_NAME = "ektest-srv"
@@ -85,16 +85,6 @@ class NetnsHost:
             "timeout", str(timeout), "busybox", "wget", "-q", "-O", "-", url, timeout=timeout + 5
         )
         return r.stdout if r.returncode == 0 else None
-
-
-def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 30) -> None:
-    if proc is not None and proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def _copy_images(src: DockerEngine, dst: DockerEngine, *refs: str) -> None:
@@ -196,7 +186,7 @@ def netns_host(
                 engine.run("rm", "-f", *ids, check=False)
         if ssh is not None:
             ssh.stop()
-        _stop(dockerd)
+        stop_process(dockerd, timeout=30)
         subprocess.run(["ip", "netns", "del", NS_NAME], check=False, capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.infra import need
+from tests.infra import need, stop_process
 
 MANIFEST_ACCEPT = ", ".join(
     [
@@ -116,13 +116,7 @@ class Registry:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop_process(proc)
 
     @contextlib.contextmanager
     def down(self) -> Iterator[None]:

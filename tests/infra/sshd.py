@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.infra import need
+from tests.infra import need, stop_process
 from tests.infra.docker import HOST as ENGINE_HOST
 from tests.infra.docker import DockerEngine
 from tests.infra.registry import free_port
@@ -69,13 +69,7 @@ class SshHost:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop_process(proc)
 
 
 def _keygen(path: Path, comment: str) -> None:
